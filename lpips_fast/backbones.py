@@ -1,0 +1,165 @@
+"""The three LPIPS backbones, defined here without torchvision.
+
+Each backbone is torchvision's `features` stack cut into slices exactly as the official
+`lpips` package cuts it, and every layer keeps its torchvision index inside its slice
+(`slice2.3` is torchvision's `features.3`). So the module's state_dict keys equal the official
+LPIPS module's (`net.slice2.3.weight`), and a torchvision checkpoint loads by a key map alone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Layer specs in torchvision order: ("conv", in, out, kernel, stride, padding),
+# ("relu",), ("pool", kernel, stride, ceil_mode), ("fire", in, squeeze, expand1x1, expand3x3).
+_ALEX = [
+    ("conv", 3, 64, 11, 4, 2), ("relu",), ("pool", 3, 2, False),
+    ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool", 3, 2, False),
+    ("conv", 192, 384, 3, 1, 1), ("relu",),
+    ("conv", 384, 256, 3, 1, 1), ("relu",),
+    ("conv", 256, 256, 3, 1, 1), ("relu",),
+]
+
+
+def _vgg16_specs():
+    specs, cin = [], 3
+    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+        if v == "M":
+            specs.append(("pool", 2, 2, False))
+        else:
+            specs += [("conv", cin, v, 3, 1, 1), ("relu",)]
+            cin = v
+    return specs
+
+
+_SQUEEZE = [
+    ("conv", 3, 64, 3, 2, 0), ("relu",), ("pool", 3, 2, True),
+    ("fire", 64, 16, 64, 64), ("fire", 128, 16, 64, 64), ("pool", 3, 2, True),
+    ("fire", 128, 32, 128, 128), ("fire", 256, 32, 128, 128), ("pool", 3, 2, True),
+    ("fire", 256, 48, 192, 192), ("fire", 384, 48, 192, 192),
+    ("fire", 384, 64, 256, 256), ("fire", 512, 64, 256, 256),
+]
+
+# name -> (layer specs, slice boundaries as [start, stop) torchvision indices, channels,
+#          torchvision checkpoint file name; its 8 hex digits start the file's SHA-256)
+NETS = {
+    "alex": (_ALEX, [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)],
+             [64, 192, 384, 256, 256], "alexnet-owt-7be5be79.pth"),
+    "vgg": (_vgg16_specs(), [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)],
+            [64, 128, 256, 512, 512], "vgg16-397923af.pth"),
+    "squeeze": (_SQUEEZE, [(0, 2), (2, 5), (5, 8), (8, 10), (10, 11), (11, 12), (12, 13)],
+                [64, 128, 256, 384, 384, 512, 512], "squeezenet1_1-b8a52dc0.pth"),
+}
+ALIASES = {"vgg16": "vgg"}
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module, with torchvision's attribute names."""
+
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze, e1, 1)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.squeeze_activation(self.squeeze(x))
+        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
+                          self.expand3x3_activation(self.expand3x3(x))], 1)
+
+
+def _layer(spec) -> nn.Module:
+    kind, *args = spec
+    if kind == "conv":
+        cin, cout, k, s, p = args
+        return nn.Conv2d(cin, cout, k, stride=s, padding=p)
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "pool":
+        k, s, ceil = args
+        return nn.MaxPool2d(k, s, ceil_mode=ceil)
+    return Fire(*args)
+
+
+def min_input_size(net: str) -> int:
+    """Smallest H (and W) for which every layer of `net` has at least one output pixel."""
+    specs = NETS[canonical(net)][0]
+    for size in range(1, 256):
+        s = size
+        for kind, *args in specs:
+            if kind == "conv":
+                s = (s + 2 * args[4] - args[2]) // args[3] + 1 if s + 2 * args[4] >= args[2] else 0
+            elif kind == "pool":
+                k, st, ceil = args  # PyTorch's rule: a ceil-mode window may overhang the
+                out = (s - k + (st - 1 if ceil else 0)) // st + 1  # edge, but must start
+                s = out - 1 if ceil and (out - 1) * st >= s else out  # inside the input
+            if s < 1:
+                break
+        else:
+            return size
+    raise AssertionError("unreachable for the nets defined here")
+
+
+def canonical(net: str) -> str:
+    name = ALIASES.get(net, net)
+    if name not in NETS:
+        raise ValueError(f"net must be one of {sorted(NETS)} (or 'vgg16'), got {net!r}")
+    return name
+
+
+class Backbone(nn.Module):
+    """Runs the slices in turn and returns the output of each (the LPIPS layers)."""
+
+    def __init__(self, net: str):
+        super().__init__()
+        specs, bounds, self.channels, _ = NETS[canonical(net)]
+        self.n_slices = len(bounds)
+        for k, (start, stop) in enumerate(bounds, 1):
+            block = nn.Sequential()
+            for i in range(start, stop):
+                block.add_module(str(i), _layer(specs[i]))
+            setattr(self, f"slice{k}", block)
+        self._init_like_torchvision(canonical(net))
+
+    def _init_like_torchvision(self, net: str):
+        """pnet_rand=True draws the same distributions as torchvision's untrained models
+        (alexnet keeps PyTorch's default; vgg and squeezenet re-initialize their convs)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and net != "alex":
+                if net == "vgg":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.kaiming_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def slices(self):
+        return [getattr(self, f"slice{k}") for k in range(1, self.n_slices + 1)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for block in self.slices():
+            x = block(x)
+            outs.append(x)
+        return outs
+
+
+def from_torchvision(net: str, state_dict: dict) -> dict:
+    """Map a torchvision checkpoint (`features.i.*`, plus a classifier we drop) onto a
+    Backbone's keys (`slice{k}.i.*`). Raises if any backbone tensor is missing."""
+    _, bounds, _, _ = NETS[canonical(net)]
+    slice_of = {i: k for k, (a, b) in enumerate(bounds, 1) for i in range(a, b)}
+    out = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "features" and int(parts[1]) in slice_of:
+            out[".".join([f"slice{slice_of[int(parts[1])]}"] + parts[1:])] = tensor
+    with torch.device("meta"):  # only the key names are needed: allocate nothing
+        expected = set(Backbone(net).state_dict())
+    missing = expected - set(out)
+    if missing:
+        raise KeyError(f"checkpoint for {net!r} lacks {len(missing)} backbone tensors, "
+                       f"e.g. {sorted(missing)[:3]}")
+    return out

