@@ -11,6 +11,7 @@ from .backbones import Backbone, canonical, min_input_size
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ScalingLayer(nn.Module):
@@ -81,13 +82,15 @@ class LPIPS(nn.Module):
     - pretrained lin weights load also with use_dropout=False (upstream's key mismatch
       silently leaves them random there);
     - the gradient at an all-zero feature vector is finite (upstream: NaN).
-    Extra keyword-only arguments: impl ('auto', 'fused', 'reference') picks the head, and
-    backbone_path names a backbone weight file (see `lpips_fast.weights`).
+    Extra keyword-only arguments: impl ('auto', 'fused', 'reference') picks the head;
+    backbone_path names a backbone weight file (see `lpips_fast.weights`); precision
+    ('fp32' exact, 'bf16', 'fp16') runs the backbone under autocast, the head in float32.
     """
 
     def __init__(self, pretrained=True, net="alex", version="0.1", lpips=True, spatial=False,
                  pnet_rand=False, pnet_tune=False, use_dropout=True, model_path=None,
-                 eval_mode=True, verbose=True, *, impl="auto", backbone_path=None):
+                 eval_mode=True, verbose=True, *, impl="auto", backbone_path=None,
+                 precision="fp32"):
         super().__init__()
         if version not in ("0.1", "0.0"):
             raise ValueError(f"version must be '0.1' or '0.0', got {version!r}")
@@ -95,6 +98,9 @@ class LPIPS(nn.Module):
         self.pnet_tune, self.pnet_rand = pnet_tune, pnet_rand
         self.spatial, self.lpips, self.use_dropout = spatial, lpips, use_dropout
         self.impl = impl
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self._head = _select_head(impl)
         self.scaling_layer = ScalingLayer()
         self.net = Backbone(self.pnet_type)
@@ -141,9 +147,12 @@ class LPIPS(nn.Module):
             in0, in1 = 2 * in0 - 1, 2 * in1 - 1
         if self.version == "0.1":
             in0, in1 = self.scaling_layer(in0), self.scaling_layer(in1)
-        feats0, feats1 = self._features(in0, in1)
+        low = PRECISIONS[self.precision]
+        with torch.autocast(in0.device.type, dtype=low, enabled=low is not None):
+            feats0, feats1 = self._features(in0, in1)
         out_size = tuple(in0.shape[2:]) if self.spatial else None
-        res = [self._layer(k, f0, f1, out_size) for k, (f0, f1) in enumerate(zip(feats0, feats1))]
+        res = [self._layer(k, f0, f1, out_size).to(in0.dtype)
+               for k, (f0, f1) in enumerate(zip(feats0, feats1))]
         val = sum(res)
         return (val, res) if retPerLayer else val
 
@@ -166,8 +175,8 @@ class LPIPS(nn.Module):
         else:
             value, d = self._head(f0, f1, weight, return_map=out_size is not None)
         if out_size is not None:
-            return reference.upsample(d.to(f0.dtype), out_size)
-        return value.to(f0.dtype).view(-1, 1, 1, 1)
+            return reference.upsample(d.float() if d.dtype != torch.float64 else d, out_size)
+        return value.view(-1, 1, 1, 1)
 
     def _check_inputs(self, in0, in1):
         for name, x in (("in0", in0), ("in1", in1)):
