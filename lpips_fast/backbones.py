@@ -84,23 +84,27 @@ def _layer(spec) -> nn.Module:
     return Fire(*args)
 
 
-def min_input_size(net: str) -> int:
-    """Smallest H (and W) for which every layer of `net` has at least one output pixel."""
-    specs = NETS[canonical(net)][0]
-    for size in range(1, 256):
-        s = size
-        for kind, *args in specs:
+def feature_sizes(net: str, size: int) -> list[int]:
+    """Each LPIPS layer's output length along an input axis of `size` pixels (0 = none)."""
+    specs, bounds, _, _ = NETS[canonical(net)]
+    sizes, s = [], size
+    for start, stop in bounds:
+        for kind, *args in specs[start:stop]:
+            if s < 1:
+                break
             if kind == "conv":
                 s = (s + 2 * args[4] - args[2]) // args[3] + 1 if s + 2 * args[4] >= args[2] else 0
             elif kind == "pool":
                 k, st, ceil = args  # PyTorch's rule: a ceil-mode window may overhang the
                 out = (s - k + (st - 1 if ceil else 0)) // st + 1  # edge, but must start
                 s = out - 1 if ceil and (out - 1) * st >= s else out  # inside the input
-            if s < 1:
-                break
-        else:
-            return size
-    raise AssertionError("unreachable for the nets defined here")
+        sizes.append(max(s, 0))
+    return sizes
+
+
+def min_input_size(net: str) -> int:
+    """Smallest H (and W) for which every layer of `net` has at least one output pixel."""
+    return next(size for size in range(1, 256) if min(feature_sizes(net, size)) >= 1)
 
 
 def canonical(net: str) -> str:

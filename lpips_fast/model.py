@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from . import reference
-from .backbones import Backbone, canonical, min_input_size
+from . import tiling
+from .backbones import Backbone, canonical, feature_sizes, min_input_size
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
@@ -40,6 +41,22 @@ class NetLinLayer(nn.Module):
 
     def forward(self, x):
         return self.model(x)
+
+
+def parse_bytes(budget):
+    """None, a number of bytes, or a string such as '512MiB', '16GiB', '2GB'."""
+    if budget is None or isinstance(budget, (int, float)):
+        return budget
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
+    text = str(budget).strip().lower()
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            try:
+                return float(text[:-len(unit)]) * scale
+            except ValueError:
+                break
+    raise ValueError(f"memory_budget must be bytes or a size like '16GiB', got {budget!r}")
 
 
 def _fused_ops():
@@ -84,13 +101,16 @@ class LPIPS(nn.Module):
     - the gradient at an all-zero feature vector is finite (upstream: NaN).
     Extra keyword-only arguments: impl ('auto', 'fused', 'reference') picks the head;
     backbone_path names a backbone weight file (see `lpips_fast.weights`); precision
-    ('fp32' exact, 'bf16', 'fp16') runs the backbone under autocast, the head in float32.
+    ('fp32' exact, 'bf16', 'fp16') runs the backbone under autocast, the head in float32;
+    tile_size (input pixels) or memory_budget (bytes, or a string such as '16GiB') splits
+    large images into exact overlapping tiles (see `lpips_fast.tiling`); both attributes
+    can also be set after construction.
     """
 
     def __init__(self, pretrained=True, net="alex", version="0.1", lpips=True, spatial=False,
                  pnet_rand=False, pnet_tune=False, use_dropout=True, model_path=None,
                  eval_mode=True, verbose=True, *, impl="auto", backbone_path=None,
-                 precision="fp32"):
+                 precision="fp32", tile_size=None, memory_budget=None):
         super().__init__()
         if version not in ("0.1", "0.0"):
             raise ValueError(f"version must be '0.1' or '0.0', got {version!r}")
@@ -101,6 +121,8 @@ class LPIPS(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        self.tile_size = tile_size
+        self.memory_budget = parse_bytes(memory_budget)
         self._head = _select_head(impl)
         self.scaling_layer = ScalingLayer()
         self.net = Backbone(self.pnet_type)
@@ -147,36 +169,80 @@ class LPIPS(nn.Module):
             in0, in1 = 2 * in0 - 1, 2 * in1 - 1
         if self.version == "0.1":
             in0, in1 = self.scaling_layer(in0), self.scaling_layer(in1)
-        low = PRECISIONS[self.precision]
-        with torch.autocast(in0.device.type, dtype=low, enabled=low is not None):
-            feats0, feats1 = self._features(in0, in1)
         out_size = tuple(in0.shape[2:]) if self.spatial else None
-        res = [self._layer(k, f0, f1, out_size).to(in0.dtype)
-               for k, (f0, f1) in enumerate(zip(feats0, feats1))]
+        tile = self._tile(in0, in1)
+        if tile is None:
+            heads = [self._layer(k, f0, f1, out_size is not None)
+                     for k, (f0, f1) in enumerate(self._features(in0, in1))]
+        else:
+            heads = self._tiled(in0, in1, tile, out_size is not None)
+        res = [(reference.upsample(d.float() if d.dtype != torch.float64 else d, out_size)
+                if out_size else value.view(-1, 1, 1, 1)).to(in0.dtype) for value, d in heads]
         val = sum(res)
         return (val, res) if retPerLayer else val
 
     def _features(self, in0, in1):
-        """Both images' features: one backbone pass over the pair when both need the same
-        gradient mode (fewer, larger convolutions), two passes otherwise."""
-        if in0.requires_grad == in1.requires_grad:
-            n0 = in0.shape[0]
-            outs = self.net(torch.cat([in0, in1]))
-            return [f[:n0] for f in outs], [f[n0:] for f in outs]
-        return self.net(in0), self.net(in1)
+        """Yield each layer's features (f0, f1) as soon as its slice has run ("streaming"):
+        the caller consumes a layer before the next is computed, so without autograd only one
+        stage's activations are alive. One backbone pass over the pair when both inputs need
+        the same gradient mode (fewer, larger convolutions), two passes in step otherwise."""
+        low = PRECISIONS[self.precision]
+        paired, n0 = in0.requires_grad == in1.requires_grad, in0.shape[0]
+        x = torch.cat([in0, in1]) if paired else (in0, in1)
+        for block in self.net.slices():
+            with torch.autocast(in0.device.type, dtype=low, enabled=low is not None):
+                x = block(x) if paired else (block(x[0]), block(x[1]))
+            yield (x[:n0], x[n0:]) if paired else x
 
-    def _layer(self, k, f0, f1, out_size):
+    def _layer(self, k, f0, f1, want_map):
+        """One layer's head: (per-sample value N, map N x 1 x h x w or None)."""
         weight = self.lins[k].weight if self.lpips else None
         if self.lpips and self.use_dropout and self.training:
             # Dropout acts on the squared differences before the 1x1 conv: upstream's order.
-            diff = (reference.normalize(f0) - reference.normalize(f1)) ** 2
-            d = self.lins[k](diff)
-            value = d.mean(dim=(1, 2, 3))
-        else:
-            value, d = self._head(f0, f1, weight, return_map=out_size is not None)
-        if out_size is not None:
-            return reference.upsample(d.float() if d.dtype != torch.float64 else d, out_size)
-        return value.view(-1, 1, 1, 1)
+            d = self.lins[k]((reference.normalize(f0) - reference.normalize(f1)) ** 2)
+            return d.mean(dim=(1, 2, 3)), d
+        return self._head(f0, f1, weight, return_map=want_map)
+
+    # --- exact tiling (see tiling.py for the geometry) ---------------------------------------
+
+    def _tile(self, in0, in1):
+        """The tile core size for these inputs, or None to run untiled."""
+        if self.tile_size is None and self.memory_budget is None:
+            return None
+        if self.training and self.lpips and self.use_dropout:
+            return None  # dropout masks cannot be made to agree across tiles
+        tile = self.tile_size
+        if tile is None:
+            element = 2 if self.precision != "fp32" else in0.element_size()
+            tile = tiling.tile_for_budget(self.pnet_type, self.memory_budget, element,
+                                          in0.shape[0] + in1.shape[0])
+        return tile if tile < max(in0.shape[2:]) else None
+
+    def _tiled(self, in0, in1, tile, want_map):
+        """Every layer's (value, map) from overlapping crops whose cores partition each
+        layer's features: equal to the untiled result up to float rounding."""
+        (H, W), n = in0.shape[2:], max(in0.shape[0], in1.shape[0])
+        geo = tiling.geometry(self.pnet_type)
+        hs, ws = feature_sizes(self.pnet_type, H), feature_sizes(self.pnet_type, W)
+        acc = torch.float64 if in0.dtype == torch.float64 else torch.float32
+        sums = [torch.zeros(n, dtype=torch.float64, device=in0.device) for _ in geo]
+        maps = [in0.new_zeros((n, 1, h, w), dtype=acc) if want_map else None
+                for h, w in zip(hs, ws)]
+        for ys in tiling.spans(H, tile, self.pnet_type):
+            for xs in tiling.spans(W, tile, self.pnet_type):
+                crop = (..., slice(ys.crop_lo, ys.crop_hi), slice(xs.crop_lo, xs.crop_hi))
+                for k, (f0, f1) in enumerate(self._features(in0[crop], in1[crop])):
+                    (a, b), (c, d) = (ys.feature_core(geo[k].stride, hs[k]),
+                                      xs.feature_core(geo[k].stride, ws[k]))
+                    if a >= b or c >= d:
+                        continue  # this tile owns no feature of this coarse layer
+                    core = (..., slice(a, b), slice(c, d))
+                    value, dmap = self._layer(k, f0[core], f1[core], want_map)
+                    sums[k] += value.double() * ((b - a) * (d - c))
+                    if want_map:
+                        y0, x0 = ys.crop_lo // geo[k].stride, xs.crop_lo // geo[k].stride
+                        maps[k][..., y0 + a:y0 + b, x0 + c:x0 + d] = dmap
+        return [((s / (h * w)).to(acc), m) for s, m, h, w in zip(sums, maps, hs, ws)]
 
     def _check_inputs(self, in0, in1):
         for name, x in (("in0", in0), ("in1", in1)):

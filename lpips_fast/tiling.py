@@ -1,0 +1,126 @@
+"""Exact tiling: the geometry that makes tiled features equal untiled ones.
+
+For each LPIPS layer l of a net, walking its conv/pool stack gives
+  S_l  the cumulative stride (feature i sits at input i * S_l - P_l),
+  P_l  the cumulative padding offset,
+  R_l  the receptive field: feature i depends on input pixels [i*S_l - P_l, i*S_l - P_l + R_l).
+A crop of the input that starts at a multiple of S = max_l S_l has, at every layer, feature j
+equal to the global feature j + start / S_l, provided that feature's receptive field lies
+inside the crop or is cut only by a true image border (where the crop's zero padding is the
+image's own). Tiles therefore have cores on a grid of multiples of S, and crops that add a halo
+of at least max_l P_l on the left and max_l (R_l - P_l - S_l) on the right, rounded up to a
+multiple of S. Each layer's features are split among the tiles' cores with no overlap; the
+last tile in a row or column takes whatever is left.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .backbones import NETS, canonical
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    stride: int      # S_l
+    padding: int     # P_l
+    receptive: int   # R_l
+
+
+def _ops(spec):
+    """A layer spec as (kernel, stride, padding) steps; a fire module's widest path is its
+    3x3 expand conv (its 1x1 convs change nothing)."""
+    kind, *a = spec
+    if kind == "conv":
+        return [(a[2], a[3], a[4])]
+    if kind == "pool":
+        return [(a[0], a[1], 0)]
+    if kind == "fire":
+        return [(3, 1, 1)]
+    return []  # relu
+
+
+def geometry(net: str) -> list[LayerGeometry]:
+    specs, bounds, _, _ = NETS[canonical(net)]
+    out, jump, pad, field = [], 1, 0, 1
+    for start, stop in bounds:
+        for spec in specs[start:stop]:
+            for k, s, p in _ops(spec):
+                field += (k - 1) * jump
+                pad += p * jump
+                jump *= s
+        out.append(LayerGeometry(jump, pad, field))
+    return out
+
+
+def halo(net: str) -> int:
+    geo = geometry(net)
+    step = max(g.stride for g in geo)
+    need = max(max(g.padding, g.receptive - g.padding - g.stride) for g in geo)
+    return step * math.ceil(need / step)
+
+
+def alignment(net: str) -> int:
+    return max(g.stride for g in geometry(net))
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one axis: its core [lo, hi) and its crop [crop_lo, crop_hi) in input
+    pixels, and whether it is the last (it then owns every remaining feature)."""
+    lo: int
+    hi: int
+    crop_lo: int
+    crop_hi: int
+    last: bool
+
+    def feature_core(self, stride: int, n_features: int) -> tuple[int, int]:
+        """The features this tile owns at a layer of cumulative stride `stride` with
+        `n_features` features, as a range in the crop's own feature coordinates."""
+        shift = self.crop_lo // stride
+        lo = min(self.lo // stride, n_features)
+        hi = n_features if self.last else min(self.hi // stride, n_features)
+        return lo - shift, hi - shift  # may be empty: a small last tile at a coarse layer
+
+
+def spans(length: int, tile: int, net: str) -> list[Span]:
+    """Split an axis of `length` input pixels into tiles with cores of `tile` pixels
+    (rounded down to the net's alignment, at least one alignment step)."""
+    step, margin = alignment(net), halo(net)
+    tile = max(step, tile // step * step)
+    cuts = list(range(0, length, tile))
+    if len(cuts) > 1 and length - cuts[-1] < step:  # a sliver owns no feature: merge it
+        cuts.pop()
+    ends = cuts[1:] + [length]
+    return [Span(a, b, max(0, a - margin), min(length, b + margin), b == length)
+            for a, b in zip(cuts, ends)]
+
+
+def bytes_per_pixel(net: str, element_size: int, images: int) -> float:
+    """Peak activation bytes per input pixel of one op (its input plus output), for
+    `images` images: what bounds a streaming pass's memory."""
+    specs, _, _, _ = NETS[canonical(net)]
+    jump, channels, peak = 1, 3, 0.0
+    for spec in specs:
+        kind, *a = spec
+        if kind == "relu":
+            continue
+        out_ch = a[1] if kind == "conv" else (a[2] + a[3] if kind == "fire" else channels)
+        out_jump = jump * ((a[3] if kind == "conv" else a[1]) if kind in ("conv", "pool") else 1)
+        extra = a[1] / jump ** 2 if kind == "fire" else 0  # the squeeze output lives too
+        peak = max(peak, channels / jump ** 2 + out_ch / out_jump ** 2 + extra)
+        jump, channels = out_jump, out_ch
+    return peak * element_size * images
+
+
+def tile_for_budget(net: str, budget_bytes: float, element_size: int, images: int) -> int:
+    """The largest tile core whose crop's activations fit in `budget_bytes` (with a 1.5x
+    margin for the convolution's workspace and the head's outputs)."""
+    crop_pixels = budget_bytes / (1.5 * bytes_per_pixel(net, element_size, images))
+    side = int(math.sqrt(crop_pixels)) - 2 * halo(net)
+    step = alignment(net)
+    if side < step:
+        raise ValueError(f"memory budget of {budget_bytes / 2**30:.2f} GiB is too small for "
+                         f"net {net!r} with {images} images: a tile of {step} pixels plus its "
+                         f"halo of {halo(net)} needs more")
+    return side // step * step
