@@ -203,6 +203,12 @@ class LPIPS(nn.Module):
             return d.mean(dim=(1, 2, 3)), d
         return self._head(f0, f1, weight, return_map=want_map)
 
+    def embed(self, x, normalize=False):
+        """Per-layer sqrt(w)-scaled normalized features of images x: LPIPS between two
+        images is the distance of their embeddings (see `lpips_fast.embed`)."""
+        from .embed import embed
+        return embed(self, x, normalize=normalize)
+
     # --- exact tiling (see tiling.py for the geometry) ---------------------------------------
 
     def _tile(self, in0, in1):
