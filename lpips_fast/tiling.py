@@ -117,10 +117,12 @@ def tile_for_budget(net: str, budget_bytes: float, element_size: int, images: in
     """The largest tile core whose crop's activations fit in `budget_bytes` (with a 1.5x
     margin for the convolution's workspace and the head's outputs)."""
     crop_pixels = budget_bytes / (1.5 * bytes_per_pixel(net, element_size, images))
-    side = int(math.sqrt(crop_pixels)) - 2 * halo(net)
+    margin = halo(net)
+    side = int(math.sqrt(crop_pixels)) - 2 * margin
+    if side < margin:  # smaller cores would spend over 9x the untiled work on halos
+        need = 1.5 * bytes_per_pixel(net, element_size, images) * (3 * margin) ** 2
+        raise ValueError(f"memory budget of {budget_bytes / 2**20:.0f} MiB is too small for "
+                         f"net {net!r} with {images} images: a useful tile (core >= halo = "
+                         f"{margin} pixels) needs about {need / 2**20:.0f} MiB")
     step = alignment(net)
-    if side < step:
-        raise ValueError(f"memory budget of {budget_bytes / 2**30:.2f} GiB is too small for "
-                         f"net {net!r} with {images} images: a tile of {step} pixels plus its "
-                         f"halo of {halo(net)} needs more")
     return side // step * step

@@ -88,14 +88,14 @@ def test_tiled_lpips_equals_untiled(net, h, w, tile, spatial, impl):
 
 
 def test_memory_budget_picks_a_tile():
-    model = lpips_fast.LPIPS(net="vgg", pnet_rand=True, verbose=False, memory_budget="64MiB")
-    x0, x1 = images(1, 16 * 30 + 5, 16 * 31 + 7, seed=4)
+    model = lpips_fast.LPIPS(net="vgg", pnet_rand=True, verbose=False, memory_budget="256MiB")
+    x0, x1 = images(1, 16 * 40 + 5, 16 * 41 + 7, seed=4)
     tile = model._tile(x0, x1)
     assert tile is not None and tile % 16 == 0
     crop = tile + 2 * tiling.halo("vgg")
     # The crop's estimated activations fit the budget; a bigger tile's would not.
     per_pixel = tiling.bytes_per_pixel("vgg", 4, 2) * 1.5
-    assert crop ** 2 * per_pixel <= 64 * 2**20 < (crop + 16) ** 2 * per_pixel
+    assert crop ** 2 * per_pixel <= 256 * 2**20 < (crop + 16) ** 2 * per_pixel
     with pytest.raises(ValueError, match="too small"):
         lpips_fast.LPIPS(net="vgg", pnet_rand=True, verbose=False, memory_budget=1e6)._tile(x0, x1)
     with pytest.raises(ValueError, match="memory_budget"):

@@ -1,0 +1,245 @@
+"""Side-by-side LPIPS benchmark: lpips_fast vs the official lpips 0.1.4, eager and compiled.
+
+All implementations run in one process on the same inputs with the same (random) weights:
+warm-up, then the median of repeated runs (CUDA events on GPU, perf_counter on CPU), peak
+memory (GPU: max_memory_allocated), and ratios against the official code. Writes
+benchmarks/results/<device>.json and .md, and a plot of time and peak memory against
+resolution.
+
+    python benchmarks/bench.py                       # the device's default cases
+    python benchmarks/bench.py --device cpu --quick  # a short CPU run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import lpips_fast  # noqa: E402
+
+# (net, N, size, backward): the issue's cases on GPU; smaller ones where only a CPU runs.
+GPU_CASES = [("alex", 32, 64, True), ("alex", 1, 1024, False), ("vgg", 16, 256, True),
+             ("vgg", 1, 2048, False), ("squeeze", 32, 64, True)]
+CPU_CASES = [("alex", 8, 64, True), ("alex", 1, 512, False), ("vgg", 2, 128, True),
+             ("vgg", 1, 512, False), ("squeeze", 8, 64, True)]
+SWEEP = {"cuda": [256, 512, 1024, 2048], "cpu": [128, 256, 512, 1024]}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"CPU {platform.processor()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def official_model(net: str, state: dict, device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import lpips
+        m = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    m.load_state_dict(state)
+    return m.eval().to(device)
+
+
+def implementations(net: str, device, compile_official: bool, precisions):
+    torch.manual_seed(0)
+    ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False).to(device)
+    state = ours.state_dict()
+    impls = {"official": official_model(net, state, device)}
+    if compile_official:
+        impls["official+compile"] = torch.compile(official_model(net, state, device))
+    impls["lpips_fast"] = ours
+    for p in precisions:
+        m = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, precision=p).to(device)
+        m.load_state_dict(state)
+        impls[f"lpips_fast {p}"] = m
+    return impls
+
+
+def make_step(model, x0, x1, backward: bool):
+    if backward:
+        def step():
+            x = x0.detach().requires_grad_(True)
+            model(x, x1).sum().backward()
+            return x.grad
+    else:
+        def step():
+            with torch.no_grad():
+                return model(x0, x1)
+    return step
+
+
+def measure(step, device, warmup: int, repeats: int):
+    """Median seconds of `repeats` runs after `warmup`, and peak memory (GPU) in bytes."""
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        peak = None
+    return statistics.median(times), peak
+
+
+def run_case(net, n, size, backward, device, args):
+    gen = torch.Generator().manual_seed(1)
+    x0 = (torch.rand(n, 3, size, size, generator=gen) * 2 - 1).to(device)
+    x1 = (torch.rand(n, 3, size, size, generator=gen) * 2 - 1).to(device)
+    rows = {}
+    for name, model in implementations(net, device, args.compile, args.precisions).items():
+        try:
+            sec, peak = measure(make_step(model, x0, x1, backward), device, args.warmup,
+                                args.repeats)
+            rows[name] = {"ms": sec * 1e3, "peak_bytes": peak}
+        except torch.OutOfMemoryError:
+            rows[name] = {"ms": None, "peak_bytes": None, "error": "out of memory"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  {net} N={n} {size}x{size} {'fwd+bwd' if backward else 'fwd'} {name:24s} "
+              f"{rows[name].get('ms') or float('nan'):9.3f} ms", flush=True)
+    return rows
+
+
+def ratio(rows, a, b):
+    if a in rows and b in rows and rows[a].get("ms") and rows[b].get("ms"):
+        return rows[a]["ms"] / rows[b]["ms"]
+    return None
+
+
+def markdown(results, meta) -> str:
+    lines = [f"# LPIPS benchmark on {meta['device']}", "",
+             f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, medians of "
+             f"{meta['repeats']} runs after {meta['warmup']} warm-up runs. Ratios > 1 mean "
+             "lpips_fast (fp32) is faster.", ""]
+    names = sorted({k for r in results for k in r["rows"]},
+                   key=lambda k: ["official", "official+compile", "lpips_fast"].index(k)
+                   if k in ("official", "official+compile", "lpips_fast") else 9)
+    header = "| case | " + " | ".join(f"{k} ms" for k in names) + \
+             " | vs official | vs compile | peak MiB (official / fast) |"
+    lines += [header, "|" + "---|" * (len(names) + 4)]
+    for r in results:
+        rows = r["rows"]
+        cells = [f"{rows[k]['ms']:.3f}" if rows.get(k, {}).get("ms") else
+                 rows.get(k, {}).get("error", "-") for k in names]
+        peaks = [rows.get(k, {}).get("peak_bytes") for k in ("official", "lpips_fast")]
+        peak = " / ".join(f"{p / 2**20:.0f}" if p else "-" for p in peaks)
+        fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+        lines.append(f"| {r['case']} | " + " | ".join(cells) +
+                     f" | {fmt(ratio(rows, 'official', 'lpips_fast'))} | "
+                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast'))} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(sweep, path: Path, title: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sweep[0]["rows"]:
+        pts = [(s["size"], s["rows"][name]) for s in sweep if s["rows"][name].get("ms")]
+        axes[0].plot([p for p, _ in pts], [r["ms"] for _, r in pts], "o-", label=name)
+        mem = [(p, r["peak_bytes"]) for p, r in pts if r.get("peak_bytes")]
+        if mem:
+            axes[1].plot([p for p, _ in mem], [b / 2**20 for _, b in mem], "o-", label=name)
+    for ax, label in zip(axes, ["median time (ms)", "peak memory (MiB)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (pixels), vgg, N=1, forward")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--precisions", nargs="*", default=None,
+                   help="extra lpips_fast precisions to time (default: bf16 fp16 on GPU)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, no sweep")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
+    if args.precisions is None:
+        args.precisions = ["bf16", "fp16"] if gpu else []
+    meta = {"device": device_name(device), "torch": torch.__version__, "commit": commit(),
+            "date": time.strftime("%Y-%m-%d"), "warmup": args.warmup, "repeats": args.repeats}
+    print(f"{meta['device']}, torch {meta['torch']}, commit {meta['commit']}")
+    results = []
+    for net, n, size, backward in (GPU_CASES if gpu else CPU_CASES):
+        rows = run_case(net, n, size, backward, device, args)
+        results.append({"case": f"{net}, N={n}, {size}x{size}, {'fwd+bwd' if backward else 'fwd'}",
+                        "rows": rows})
+    sweep = []
+    if not args.quick:
+        args.compile = False  # the sweep compares memory and eager speed; compile per size is slow
+        for size in SWEEP[device.type]:
+            sweep.append({"size": size, "rows": run_case("vgg", 1, size, False, device, args)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-")
+                       .lower().replace("--", "-"))
+    table = markdown(results, meta)
+    if sweep:
+        table += "\n## vgg, N=1, forward, by resolution\n\n" + markdown(
+            [{"case": f"{s['size']}x{s['size']}", "rows": s["rows"]} for s in sweep], meta
+        ).split("\n", 4)[4]
+        plot(sweep, stem.with_suffix(".png"), meta["device"])
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "cases": results, "sweep": sweep}, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
