@@ -1,30 +1,173 @@
-"""Image loading for scoring: files to N x 3 x H x W tensors in [-1, 1]."""
+"""Image loading for scoring: files to N x 3 x H x W float32 tensors in [-1, 1].
+
+Pillow reads PNG, JPEG, BMP, TIFF, WebP (and whatever else it knows). Whatever the file holds,
+the result is RGB in [-1, 1]:
+
+- the EXIF orientation is applied first (a portrait phone photo is scored upright);
+- grayscale (L, 1, I;16...) is repeated into R, G and B; palette and CMYK/YCbCr/LAB images are
+  converted to RGB;
+- an alpha channel is dropped (not composited), with a note: LPIPS scores colour only;
+- 8-bit values are scaled by 255, 16-bit ones (modes I;16, I;16B, I;16L, and I, which Pillow
+  uses for 16-bit PNG/TIFF) by their true range 65535, float images (mode F) are taken as [0, 1].
+  Pillow reads 16-bit *colour* PNG/TIFF at 8-bit precision (the range is still right).
+
+Every problem is an `ImageError` (a ValueError) whose message starts with the file's path.
+"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+ALPHA = {"RGBA", "LA", "PA", "La", "RGBa"}
+RESIZE_POLICIES = ("none", "to-first", "to-smaller")
+RESAMPLE = ("bicubic", "bilinear")
+
+
+class ImageError(ValueError):
+    """A file that cannot be scored; str() is one line that names the file."""
+
+
+_noted: set = set()
+
+
+def note_once(kind: str, message: str) -> None:
+    """Print a note to stderr once per kind and process."""
+    if kind not in _noted:
+        _noted.add(kind)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def alpha_note(path) -> str:
+    return (f"{path} has an alpha channel; it is dropped (LPIPS scores RGB only; "
+            "further such notes are not shown)")
+
+
+def _open(path: Path):
+    """Open (header only) with Pillow, turning every failure into one ImageError line."""
+    from PIL import Image, UnidentifiedImageError
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    try:
+        return Image.open(path)
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read (unknown or corrupt format)") \
+            from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot open image ({e})") from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """(H, W) after the EXIF orientation, reading the header only."""
+    path = Path(path)
+    with _open(path) as img:
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not worth failing over
+            orientation = 1
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def read_image(path) -> tuple[np.ndarray, bool]:
+    """The file as an H x W x 3 float32 array in [-1, 1], and whether alpha was dropped."""
+    from PIL import Image
+    path = Path(path)
+    img = _open(path)
+    try:
+        with img:
+            img.load()
+            return pil_to_array(img)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def pil_to_array(img) -> tuple[np.ndarray, bool]:
+    """A Pillow image (any mode) as H x W x 3 float32 in [-1, 1], and whether alpha was dropped."""
+    from PIL import ImageOps
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: keep the stored orientation
+        pass
+    mode = img.mode
+    had_alpha = mode in ALPHA or (mode == "P" and "transparency" in img.info)
+    if mode in SIXTEEN_BIT:
+        a = np.asarray(img).astype(np.float32)
+        a = np.clip(a, 0, 65535) / np.float32(32767.5) - 1
+    elif mode == "F":
+        a = np.clip(np.asarray(img, dtype=np.float32), 0, 1) * 2 - 1
+    else:
+        if mode in ("RGBA", "RGBa"):
+            img = img.convert("RGBA")
+        elif mode != "RGB":
+            img = img.convert("RGBA" if had_alpha else "RGB")
+        a = np.asarray(img, dtype=np.float32)[..., :3] / np.float32(127.5) - 1
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a, dtype=np.float32), had_alpha
+
 
 def load_image(path) -> torch.Tensor:
     """Read an image with Pillow as a 1 x 3 x H x W float32 tensor in [-1, 1].
 
-    Grayscale becomes RGB, alpha is dropped; errors name the file.
+    See the module docstring for modes, EXIF orientation and alpha (a note goes to stderr
+    once); errors are `ImageError`s naming the file.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with Image.open(path) as img:
-            return to_tensor(img)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+    a, had_alpha = read_image(path)
+    if had_alpha:
+        note_once("alpha", alpha_note(path))
+    return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
 
 
 def to_tensor(img) -> torch.Tensor:
     """A Pillow image (any mode) as a 1 x 3 x H x W float32 tensor in [-1, 1]."""
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1
+    a, _ = pil_to_array(img)
+    return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
+
+
+def check_min_size(path, size: tuple[int, int], net: str) -> None:
+    """Raise an ImageError if (H, W) is below what `net` can score."""
+    from .backbones import canonical, min_input_size
+    smallest = min_input_size(net)
+    if min(size) < smallest:
+        raise ImageError(f"{path}: {size[1]} x {size[0]} pixels is too small for net "
+                         f"{canonical(net)!r}, which needs at least {smallest} x {smallest}")
+
+
+def target_size(size0, size1, policy: str):
+    """The (H, W) both images are scored at under a --resize policy, or None if they can't be."""
+    if tuple(size0) == tuple(size1):
+        return tuple(size0)
+    if policy == "to-first":
+        return tuple(size0)
+    if policy == "to-smaller":
+        return (min(size0[0], size1[0]), min(size0[1], size1[1]))
+    return None
+
+
+def mismatch_message(name0, size0, name1, size1) -> str:
+    return (f"{name0} is {size0[1]} x {size0[0]} but {name1} is {size1[1]} x {size1[0]} "
+            "(W x H): LPIPS compares images of one size; pass --resize to-first or "
+            "--resize to-smaller to resample")
+
+
+def resize(x: torch.Tensor, size, resample: str = "bicubic") -> torch.Tensor:
+    """Resize an N x 3 x H x W (or 3 x H x W) tensor in [-1, 1] to (H, W), antialiased."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    squeeze = x.dim() == 3
+    x = x.unsqueeze(0) if squeeze else x
+    y = torch.nn.functional.interpolate(x, size=tuple(size), mode=resample, align_corners=False,
+                                        antialias=True).clamp_(-1, 1)
+    return y.squeeze(0) if squeeze else y
