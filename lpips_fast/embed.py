@@ -1,0 +1,219 @@
+"""LPIPS as a distance between embeddings.
+
+Every released set of lin weights is non-negative, so for each layer l with channel-normalized
+features n (n = f / (||f|| + eps) per pixel, exactly as the head computes them)
+
+    sum_c w_c (n0_c - n1_c)^2 = || sqrt(w) * n0 - sqrt(w) * n1 ||^2      (per pixel),
+
+and LPIPS(x0, x1) = sum_l (1 / P_l) || E_l(x0) - E_l(x1) ||^2 with E_l = sqrt(w) * n flattened
+over channels and the P_l = h_l * w_l pixels of layer l. `embed` computes the E_l of a batch once;
+`distance` evaluates LPIPS from two embeddings without another backbone pass, and
+`lpips_fast.pairwise` turns whole sets of embeddings into distance matrices.
+
+lpips=False models (the "baseline" unweighted channel sum) use w = 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+
+FORMAT = "lpips_fast.Embedding"
+FORMAT_VERSION = 1
+
+
+def preprocess(model, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """The input mapping of `LPIPS.forward`: [0, 1] -> [-1, 1] when normalize, then v0.1's
+    scaling layer. Element-wise, so applying it to each input alone equals applying it to
+    a pair: embeddings and forward see the same backbone input."""
+    if normalize:  # inputs in [0, 1]
+        x = 2 * x - 1
+    if model.version == "0.1":
+        x = model.scaling_layer(x)
+    return x
+
+
+def sqrt_weights(model) -> list[torch.Tensor | None]:
+    """sqrt(w) per layer as 1 x C x 1 x 1 tensors (None for lpips=False: w = 1).
+
+    Raises ValueError if a lin weight is negative: LPIPS is then not a squared Euclidean
+    distance of any embedding (no released weight set has one).
+    """
+    if not model.lpips:
+        return [None] * model.L
+    out = []
+    for k, lin in enumerate(model.lins):
+        w = lin.weight
+        if bool((w < 0).any()):
+            raise ValueError(
+                f"lin{k} has negative channel weights (min {w.min().item():.4g}): LPIPS with "
+                "negative weights is not a distance between embeddings, so embed/pairwise "
+                "cannot compute it. Every released weight set is >= 0; use the forward pass "
+                "for these weights.")
+        out.append(w.reshape(1, -1, 1, 1).sqrt())
+    return out
+
+
+@dataclass
+class Embedding:
+    """Per-layer sqrt(w)-scaled normalized features of N images.
+
+    layers[l] is N x C_l x h_l x w_l, float32 (float64 for a float64 model) whatever the
+    backbone's precision, as the head computes in float32. `net`, `version`, `lpips` and
+    `size` (the images' H, W) are checked before two embeddings are compared.
+    """
+    layers: list
+    net: str
+    version: str
+    lpips: bool
+    size: tuple
+    meta: dict = field(default_factory=dict)
+
+    # --- container ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.layers[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def pixels(self) -> list[int]:
+        """P_l = h_l * w_l per layer: the spatial mean's divisor."""
+        return [t.shape[2] * t.shape[3] for t in self.layers]
+
+    @property
+    def dims(self) -> list[int]:
+        """C_l * h_l * w_l per layer: the length of one image's flattened layer embedding."""
+        return [t[0].numel() for t in self.layers]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers)
+
+    def _like(self, layers) -> "Embedding":
+        return Embedding(list(layers), self.net, self.version, self.lpips, tuple(self.size),
+                         dict(self.meta))
+
+    def __getitem__(self, index) -> "Embedding":
+        """Images by index: an int keeps a batch of 1; slices, lists and tensors as in torch."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return self._like(t[index] for t in self.layers)
+
+    def to(self, *args, **kwargs) -> "Embedding":
+        """As Tensor.to (device and/or dtype) for every layer."""
+        return self._like(t.to(*args, **kwargs) for t in self.layers)
+
+    def detach(self) -> "Embedding":
+        return self._like(t.detach() for t in self.layers)
+
+    def flat(self, k: int) -> torch.Tensor:
+        """Layer k as an N x (C h w) matrix."""
+        t = self.layers[k]
+        return t.reshape(t.shape[0], -1)
+
+    def sq_norms(self, dtype=torch.float64) -> list[torch.Tensor]:
+        """||E_l||^2 per layer (N each), accumulated in `dtype`."""
+        return [self.flat(k).to(dtype).pow(2).sum(1) for k in range(len(self.layers))]
+
+    @staticmethod
+    def cat(embeddings) -> "Embedding":
+        """Concatenate embeddings of compatible models and image sizes along the images."""
+        embeddings = list(embeddings)
+        if not embeddings:
+            raise ValueError("Embedding.cat needs at least one embedding")
+        first = embeddings[0]
+        for e in embeddings[1:]:
+            check_compatible(first, e)
+        return first._like(torch.cat([e.layers[k] for e in embeddings])
+                           for k in range(len(first.layers)))
+
+    # --- files -------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Plain tensors and strings/ints only: `load` reads it with weights_only=True."""
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "net": self.net,
+                    "version": self.version, "lpips": bool(self.lpips),
+                    "size": [int(s) for s in self.size],
+                    "layers": [t.detach().cpu().contiguous() for t in self.layers]}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu", mmap: bool = False) -> "Embedding":
+        kwargs = {"mmap": True} if mmap else {}
+        data = torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a saved lpips_fast.Embedding")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: Embedding format version {data.get('format_version')} "
+                             f"is not supported (this version reads {FORMAT_VERSION})")
+        return cls(list(data["layers"]), data["net"], data["version"], bool(data["lpips"]),
+                   tuple(data["size"]))
+
+
+def check_compatible(e0: Embedding, e1: Embedding) -> None:
+    """Raise ValueError unless e0 and e1 come from the same kind of model and image size."""
+    for name in ("net", "version", "lpips"):
+        if getattr(e0, name) != getattr(e1, name):
+            raise ValueError(f"embeddings differ in {name}: {getattr(e0, name)!r} vs "
+                             f"{getattr(e1, name)!r}")
+    if tuple(e0.size) != tuple(e1.size):
+        raise ValueError(f"embeddings are of images of different sizes: {tuple(e0.size)} vs "
+                         f"{tuple(e1.size)} (LPIPS compares images of one size)")
+    if len(e0.layers) != len(e1.layers):
+        raise ValueError(f"embeddings have {len(e0.layers)} and {len(e1.layers)} layers")
+
+
+def embed(model, x: torch.Tensor, normalize: bool = False) -> Embedding:
+    """Embed images x (N x 3 x H x W, in [-1, 1]; [0, 1] with normalize=True) with `model`.
+
+    Runs the backbone once on x with the model's precision (autocast) and streaming; the
+    result keeps autograd history when x or the model's parameters need gradients.
+    Tiling (tile_size / memory_budget) is not applied: the embedding of an image holds all its
+    features anyway. The lin layers' dropout (train mode) is not applied either: distances of
+    embeddings are the eval-mode LPIPS.
+    """
+    model._check_inputs(x, x)
+    roots = sqrt_weights(model)
+    size = tuple(x.shape[2:])
+    x = preprocess(model, x, normalize)
+    layers = []
+    # _features(in0, in1) runs the backbone on cat(in0, in1); an empty in1 makes it one pass
+    # over x alone with exactly the forward's slices, autocast and streaming.
+    for k, (f, _) in enumerate(model._features(x, x[:0])):
+        if f.dtype != torch.float64:
+            f = f.float()  # the head's accumulation dtype
+        n = reference.normalize(f)
+        layers.append(n if roots[k] is None else n * roots[k].to(n.dtype))
+    return Embedding(layers, model.pnet_type, model.version, bool(model.lpips), size)
+
+
+def distance(e0: Embedding, e1: Embedding, per_layer: bool = False):
+    """LPIPS from two embeddings: N x 1 x 1 x 1 like `LPIPS.forward` (N vs N, or 1 vs N).
+
+    Computed as a difference (not the Gram expansion pairwise uses), accumulated in the
+    embedding's dtype like the forward's head. per_layer=True also returns the per-layer
+    values (a list of N x 1 x 1 x 1), as forward's retPerLayer.
+    """
+    check_compatible(e0, e1)
+    n0, n1 = len(e0), len(e1)
+    if n0 != n1 and 1 not in (n0, n1):
+        raise ValueError(f"embedding batch sizes {n0} and {n1} do not broadcast "
+                         "(they must be equal, or one of them 1)")
+    if e0.device != e1.device:
+        raise ValueError(f"embeddings on different devices: {e0.device} vs {e1.device}")
+    res = []
+    for a, b in zip(e0.layers, e1.layers):
+        d = (a - b.to(a.dtype)).pow(2).sum(dim=1, keepdim=True)   # N x 1 x h x w, as the head
+        res.append(d.mean(dim=(2, 3), keepdim=True))
+    val = sum(res)
+    return (val, res) if per_layer else val
+
+
+embedding_distance = distance
