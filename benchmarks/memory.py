@@ -35,14 +35,14 @@ def child(mode: str, net: str, size: int, device: str, budget: str) -> dict:
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    if mode == "official":
+    model = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False,
+                             memory_budget=budget if mode == "tiled" else None)
+    if mode == "official":  # the same weights, so every mode prints the same value
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import lpips
-            model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
-    else:
-        model = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False,
-                                 memory_budget=budget if mode == "tiled" else None)
+            state, model = model.state_dict(), lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        model.load_state_dict(state)
     model = model.eval().to(dev)
     x0 = torch.rand(1, 3, size, size, device=dev) * 2 - 1
     x1 = torch.rand(1, 3, size, size, device=dev) * 2 - 1

@@ -24,17 +24,6 @@ FORMAT = "lpips_fast.Embedding"
 FORMAT_VERSION = 1
 
 
-def preprocess(model, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """The input mapping of `LPIPS.forward`: [0, 1] -> [-1, 1] when normalize, then v0.1's
-    scaling layer. Element-wise, so applying it to each input alone equals applying it to
-    a pair: embeddings and forward see the same backbone input."""
-    if normalize:  # inputs in [0, 1]
-        x = 2 * x - 1
-    if model.version == "0.1":
-        x = model.scaling_layer(x)
-    return x
-
-
 def sqrt_weights(model) -> list[torch.Tensor | None]:
     """sqrt(w) per layer as 1 x C x 1 x 1 tensors (None for lpips=False: w = 1).
 
@@ -182,11 +171,8 @@ def embed(model, x: torch.Tensor, normalize: bool = False) -> Embedding:
     model._check_inputs(x, x)
     roots = sqrt_weights(model)
     size = tuple(x.shape[2:])
-    x = preprocess(model, x, normalize)
     layers = []
-    # _features(in0, in1) runs the backbone on cat(in0, in1); an empty in1 makes it one pass
-    # over x alone with exactly the forward's slices, autocast and streaming.
-    for k, (f, _) in enumerate(model._features(x, x[:0])):
+    for k, f in enumerate(model.features(model.preprocess(x, normalize))):
         if f.dtype != torch.float64:
             f = f.float()  # the head's accumulation dtype
         n = reference.normalize(f)

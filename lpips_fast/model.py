@@ -13,6 +13,9 @@ from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Inputs up to this many pixels per image take the all-layer head (one launch) even without
+# autograd: their features are small, so keeping all layers alive costs little memory.
+ONE_LAUNCH_MAX_PIXELS = 256 * 256
 
 
 class ScalingLayer(nn.Module):
@@ -72,14 +75,15 @@ _warned_fallback = False
 
 
 def _select_head(impl: str):
+    """The (per-layer head, all-layer head) pair of functions for `impl`."""
     global _warned_fallback
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
-        return reference.head
+        return reference.head, reference.head_all
     ops, why = _fused_ops()
     if ops is not None:
-        return ops.head
+        return ops.head, ops.head_all
     if impl == "fused":
         raise RuntimeError(f"impl='fused' but the lpips_fast extension is not available ({why}). "
                            "Build it with `pip install --no-build-isolation -e .`.")
@@ -87,7 +91,7 @@ def _select_head(impl: str):
         warnings.warn(f"lpips_fast: compiled kernels not available ({why}); using the "
                       "pure-PyTorch reference head (same values, slower).", stacklevel=3)
         _warned_fallback = True
-    return reference.head
+    return reference.head, reference.head_all
 
 
 class LPIPS(nn.Module):
@@ -123,7 +127,7 @@ class LPIPS(nn.Module):
         self.precision = precision
         self.tile_size = tile_size
         self.memory_budget = parse_bytes(memory_budget)
-        self._head = _select_head(impl)
+        self._head, self._head_all = _select_head(impl)
         self.scaling_layer = ScalingLayer()
         self.net = Backbone(self.pnet_type)
         self.chns, self.L = self.net.channels, self.net.n_slices
@@ -165,34 +169,59 @@ class LPIPS(nn.Module):
 
     def forward(self, in0, in1, retPerLayer=False, normalize=False):
         self._check_inputs(in0, in1)
-        if normalize:  # inputs in [0, 1]
-            in0, in1 = 2 * in0 - 1, 2 * in1 - 1
-        if self.version == "0.1":
-            in0, in1 = self.scaling_layer(in0), self.scaling_layer(in1)
+        in0, in1 = self.preprocess(in0, normalize), self.preprocess(in1, normalize)
         out_size = tuple(in0.shape[2:]) if self.spatial else None
         tile = self._tile(in0, in1)
-        if tile is None:
+        if tile is not None:
+            heads = self._tiled(in0, in1, tile, out_size is not None)
+        elif self._one_launch(in0, in1):
+            f0s, f1s = zip(*self._features(in0, in1))
+            weights = [lin.weight for lin in self.lins] if self.lpips else [None] * self.L
+            values, maps = self._head_all(f0s, f1s, weights, return_map=out_size is not None)
+            heads = list(zip(values, maps or [None] * self.L))
+        else:  # streaming: each layer's head runs before the next slice
             heads = [self._layer(k, f0, f1, out_size is not None)
                      for k, (f0, f1) in enumerate(self._features(in0, in1))]
-        else:
-            heads = self._tiled(in0, in1, tile, out_size is not None)
         res = [(reference.upsample(d.float() if d.dtype != torch.float64 else d, out_size)
                 if out_size else value.view(-1, 1, 1, 1)).to(in0.dtype) for value, d in heads]
         val = sum(res)
         return (val, res) if retPerLayer else val
 
-    def _features(self, in0, in1):
-        """Yield each layer's features (f0, f1) as soon as its slice has run ("streaming"):
-        the caller consumes a layer before the next is computed, so without autograd only one
-        stage's activations are alive. One backbone pass over the pair when both inputs need
-        the same gradient mode (fewer, larger convolutions), two passes in step otherwise."""
+    def preprocess(self, x, normalize=False):
+        """The input mapping: [0, 1] -> [-1, 1] when normalize, then v0.1's scaling layer."""
+        if normalize:
+            x = 2 * x - 1
+        return self.scaling_layer(x) if self.version == "0.1" else x
+
+    def features(self, x):
+        """Yield each layer's features of preprocessed images x, one slice at a time, under
+        the model's precision: the caller consumes a layer before the next is computed, so
+        without autograd only one stage's activations are alive ("streaming")."""
         low = PRECISIONS[self.precision]
-        paired, n0 = in0.requires_grad == in1.requires_grad, in0.shape[0]
-        x = torch.cat([in0, in1]) if paired else (in0, in1)
         for block in self.net.slices():
-            with torch.autocast(in0.device.type, dtype=low, enabled=low is not None):
-                x = block(x) if paired else (block(x[0]), block(x[1]))
-            yield (x[:n0], x[n0:]) if paired else x
+            with torch.autocast(x.device.type, dtype=low, enabled=low is not None):
+                x = block(x)
+            yield x
+
+    def _features(self, in0, in1):
+        """Yield (f0, f1) per layer: one backbone pass over the pair when both inputs need
+        the same gradient mode (fewer, larger convolutions), two passes in step otherwise."""
+        if in0.requires_grad != in1.requires_grad:
+            yield from zip(self.features(in0), self.features(in1))
+            return
+        n0 = in0.shape[0]
+        for f in self.features(torch.cat([in0, in1])):
+            yield f[:n0], f[n0:]
+
+    def _one_launch(self, in0, in1):
+        """All layers' heads in one op when the features are alive anyway (autograd keeps
+        them) or small (training-size images), where launch overhead dominates; streaming
+        per layer otherwise, to free each layer's features as soon as it is consumed."""
+        if self.training and self.lpips and self.use_dropout:
+            return False
+        recording = torch.is_grad_enabled() and (
+            in0.requires_grad or in1.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return recording or in0.shape[2] * in0.shape[3] <= ONE_LAUNCH_MAX_PIXELS
 
     def _layer(self, k, f0, f1, want_map):
         """One layer's head: (per-sample value N, map N x 1 x h x w or None)."""

@@ -49,6 +49,12 @@ def head(f0: torch.Tensor, f1: torch.Tensor, weight: torch.Tensor | None = None,
     return d.mean(dim=(1, 2, 3)), (d if return_map else None)
 
 
+def head_all(f0s, f1s, weights, return_map: bool = False):
+    """All layers of a call: (values L x N, list of maps or None), as the fused head_all."""
+    outs = [head(f0, f1, w, return_map) for f0, f1, w in zip(f0s, f1s, weights)]
+    return torch.stack([v for v, _ in outs]), ([d for _, d in outs] if return_map else None)
+
+
 def upsample(d: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of a distance map to the input's size, as upstream's spatial mode."""
     return F.interpolate(d, size=size, mode="bilinear", align_corners=False)
