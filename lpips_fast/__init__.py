@@ -1,6 +1,9 @@
 """lpips_fast: a drop-in, faster LPIPS (Zhang et al., CVPR 2018) for PyTorch."""
+from .embed import Embedding, distance as embedding_distance
 from .model import LPIPS, lpips
+from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
 
-__all__ = ["LPIPS", "lpips", "WeightsNotFound"]
+__all__ = ["LPIPS", "lpips", "WeightsNotFound", "Embedding", "embedding_distance", "pairwise",
+           "pairwise_rows", "diversity"]
 __version__ = "0.1.0"
