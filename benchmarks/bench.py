@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import lpips_fast  # noqa: E402
+from common import device_name, median_seconds, style_loglog  # noqa: E402
 
 # (net, N, size, backward): the issue's cases on GPU; smaller ones where only a CPU runs.
 GPU_CASES = [("alex", 32, 64, True), ("alex", 1, 1024, False), ("vgg", 16, 256, True),
@@ -35,16 +35,10 @@ CPU_CASES = [("alex", 8, 64, True), ("alex", 1, 512, False), ("vgg", 2, 128, Tru
 SWEEP = {"cuda": [256, 512, 1024, 2048], "cpu": [128, 256, 512, 1024]}
 
 
-def device_name(device: torch.device) -> str:
+def describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"CPU {platform.processor()}"
+        return device_name(device)
+    return f"CPU {device_name(device)} x{torch.get_num_threads()} threads"
 
 
 def commit() -> str:
@@ -94,28 +88,14 @@ def make_step(model, x0, x1, backward: bool):
 
 def measure(step, device, warmup: int, repeats: int):
     """Median seconds of `repeats` runs after `warmup`, and peak memory (GPU) in bytes."""
-    for _ in range(warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        peak = None
-    return statistics.median(times), peak
+    if device.type != "cuda":
+        return median_seconds(step, device, warmup, repeats), None
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    seconds = median_seconds(step, device, max(warmup - 1, 0), repeats)
+    return seconds, torch.cuda.max_memory_allocated(device) - base
 
 
 def run_case(net, n, size, backward, device, args):
@@ -182,13 +162,8 @@ def plot(sweep, path: Path, title: str):
         mem = [(p, r["peak_bytes"]) for p, r in pts if r.get("peak_bytes")]
         if mem:
             axes[1].plot([p for p, _ in mem], [b / 2**20 for _, b in mem], "o-", label=name)
-    for ax, label in zip(axes, ["median time (ms)", "peak memory (MiB)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("image side (pixels), vgg, N=1, forward")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    style_loglog(axes, "image side (pixels), vgg, N=1, forward",
+                 ["median time (ms)", "peak memory (MiB)"])
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -212,7 +187,7 @@ def main(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
     if args.precisions is None:
         args.precisions = ["bf16", "fp16"] if gpu else []
-    meta = {"device": device_name(device), "torch": torch.__version__, "commit": commit(),
+    meta = {"device": describe(device), "torch": torch.__version__, "commit": commit(),
             "date": time.strftime("%Y-%m-%d"), "warmup": args.warmup, "repeats": args.repeats}
     print(f"{meta['device']}, torch {meta['torch']}, commit {meta['commit']}")
     results = []

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lpips_fast import _ops  # noqa: E402
+from common import device_name, median_seconds  # noqa: E402
 from lpips_fast import reference as R  # noqa: E402
 
 ALEX_C = [64, 192, 384, 256, 256]
@@ -42,31 +41,9 @@ def vgg_shapes(s):
     return list(zip(VGG_C, [s, s // 2, s // 4, s // 8, s // 16]))
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench(fn, device, min_time=0.2, max_reps=50, warmup=2):
-    """Median seconds of fn() over repeats."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - t_start < min_time):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn() over repeats (see common.median_seconds)."""
+    return median_seconds(fn, device, warmup=warmup, min_time=min_time, max_reps=max_reps)
 
 
 def make(n, c, h, w, device, dtype, channels_last, gen):
@@ -160,21 +137,6 @@ def table(rows, device):
                 cells += ["", "", ""]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return name
 
 
 def memcheck_case(device):

@@ -9,8 +9,10 @@
 #   2. the CUDA tests: pytest -m cuda tests/test_kernels.py
 #   3. a tiny forward+backward of every kernel path under compute-sanitizer memcheck
 #   4. the head benchmark (fp32 NCHW, plus a channels_last and a bf16 run of the big sizes)
+#   5. the model benchmarks: bench.py (needs `lpips`), memory.py, precision.py (needs real
+#      weights in $LPIPS_FAST_HOME)
 # and prints a short summary table last. Results go to $OUT when set, else
-# benchmarks/results/<device>.md (plus a .log with every step's output).
+# benchmarks/results/<device>-gpu-check.md (plus a .log with every step's output).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,8 +25,8 @@ DEVICE=$($PYTHON -c "import torch; print(torch.cuda.get_device_name(0) if torch.
 SLUG=$(echo "$DEVICE" | tr -c 'A-Za-z0-9._-' '-' | sed 's/-*$//')
 if [ -n "${OUT:-}" ]; then RESDIR=$OUT; else RESDIR=benchmarks/results; fi
 mkdir -p "$RESDIR"
-MD="$RESDIR/$SLUG.md"
-LOG="$RESDIR/$SLUG.log"
+MD="$RESDIR/$SLUG-gpu-check.md"
+LOG="$RESDIR/$SLUG-gpu-check.log"
 : > "$LOG"
 
 declare -a SUMMARY
@@ -68,6 +70,19 @@ print(_ops.head(f, f.flip(0))[0])"
   step "bench fp32 NCHW (alex, vgg; 64 and 512)" 240 $PYTHON benchmarks/bench_head.py --device cuda --out "$RESDIR/$SLUG-fp32.md"
   step "bench fp32 channels_last 512" 120 $PYTHON benchmarks/bench_head.py --device cuda --sizes 512 --channels-last --quick --out "$RESDIR/$SLUG-fp32-cl.md"
   step "bench bf16 NCHW 512" 120 $PYTHON benchmarks/bench_head.py --device cuda --sizes 512 --dtype bfloat16 --quick --out "$RESDIR/$SLUG-bf16.md"
+  # Model level (issues 4 and 5): needs the official `lpips` package (carry its wheel).
+  if $PYTHON -c "import lpips" 2>/dev/null; then
+    step "bench.py: lpips_fast vs official eager + torch.compile" 360 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
+  else
+    SUMMARY+=("| bench.py | lpips not installed | 0s |")
+  fi
+  step "memory.py: vgg 2048 and 8192 (16 GiB budget)" 300 $PYTHON benchmarks/memory.py --device cuda \
+    --sizes 2048 8192 --budget 16GiB --skip official@8192 plain@8192 streaming@8192 \
+    --out "$RESDIR/$SLUG-memory.md"
+  # Real weights: carry a cache folder (LPIPS_FAST_HOME) holding backbones/alex.pt.
+  if [ -f "${LPIPS_FAST_HOME:-/nonexistent}/backbones/alex.pt" ]; then
+    step "precision.py (alex, real weights)" 180 $PYTHON benchmarks/precision.py --device cuda --nets alex --out "$RESDIR"
+  fi
 fi
 
 {
@@ -75,7 +90,8 @@ fi
   echo
   echo "torch $($PYTHON -c 'import torch; print(torch.__version__)' 2>/dev/null), $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
-  for f in "$RESDIR/$SLUG-fp32.md" "$RESDIR/$SLUG-fp32-cl.md" "$RESDIR/$SLUG-bf16.md"; do
+  for f in "$RESDIR/$SLUG-fp32.md" "$RESDIR/$SLUG-fp32-cl.md" "$RESDIR/$SLUG-bf16.md" \
+           "$RESDIR/$SLUG-memory.md"; do
     [ -f "$f" ] && { cat "$f"; echo; }
   done
   echo "| step | status | time |"

@@ -144,13 +144,10 @@ def plot(results, args, path):
         axes[0].plot([s for s, _ in pts], [r["peak_bytes"] / 2**30 for _, r in pts], "o-",
                      label=mode)
         axes[1].plot([s for s, _ in pts], [r["seconds"] for _, r in pts], "o-", label=mode)
-    for ax, label in zip(axes, ["peak memory (GiB)", "time (s)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(f"image side (pixels), {args.net}, N=1, forward")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import style_loglog
+    style_loglog(axes, f"image side (pixels), {args.net}, N=1, forward",
+                 ["peak memory (GiB)", "time (s)"])
     fig.suptitle(f"lpips_fast vs official: memory by resolution ({args.device})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,67 @@
+"""What every benchmark here shares: device names, timing, and the log-log plot style."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return name
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, warmup=2, repeats=None, min_time=0.2, max_reps=50) -> float:
+    """Median seconds of fn() after `warmup` calls: exactly `repeats` runs when given, else
+    at least 3 and until `min_time` has passed (at most `max_reps`). CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times, start = [], time.perf_counter()
+
+    def more():
+        if repeats is not None:
+            return len(times) < repeats
+        return len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time)
+
+    while more():
+        if torch.device(device).type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def style_loglog(axes, xlabel: str, ylabels) -> None:
+    """Log-log axes (base-2 sizes), a grid and a legend on each panel."""
+    for ax, label in zip(axes, ylabels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
