@@ -251,39 +251,36 @@ inline void finish_backward(BwdPlan& plan) {
       if (g.out.numel() > 0 && !g.buf.is_same(g.out)) g.out.copy_(g.buf);
 }
 
-template <typename T, typename A>
-LayerDesc<T, A> base_desc(const FwdPlan& plan, size_t l) {
+// The part of a layer's descriptor that forward and backward share: inputs and shapes.
+template <typename T, typename A, typename Plan>
+LayerDesc<T, A> input_desc(const Plan& plan, size_t l) {
   LayerDesc<T, A> d{};
   const auto& v0 = plan.v0[l];
   const auto& v1 = plan.v1[l];
-  d.f0 = v0.t.const_data_ptr<T>();
-  d.f1 = v1.t.const_data_ptr<T>();
-  d.w = plan.w[l].defined() ? plan.w[l].const_data_ptr<A>() : nullptr;
+  d.f0 = v0.t.template const_data_ptr<T>();
+  d.f1 = v1.t.template const_data_ptr<T>();
+  d.w = plan.w[l].defined() ? plan.w[l].template const_data_ptr<A>() : nullptr;
   d.sN0 = v0.sN; d.sC0 = v0.sC; d.sP0 = v0.sP;
   d.sN1 = v1.sN; d.sC1 = v1.sC; d.sP1 = v1.sP;
   d.N = v0.t.size(0);
   d.C = v0.t.size(1);
   d.P = v0.t.size(2) * v0.t.size(3);
-  d.r0 = plan.r0s[l].mutable_data_ptr<A>();
-  d.r1 = plan.r1s[l].mutable_data_ptr<A>();
-  d.dmap = plan.dmaps[l].numel() > 0 ? plan.dmaps[l].mutable_data_ptr<A>() : nullptr;
   d.chfast = (d.C > 1 && d.sC0 == 1 && d.sC1 == 1) ? 1 : 0;
   return d;
 }
 
 template <typename T, typename A>
+LayerDesc<T, A> base_desc(const FwdPlan& plan, size_t l) {
+  auto d = input_desc<T, A>(plan, l);
+  d.r0 = plan.r0s[l].mutable_data_ptr<A>();
+  d.r1 = plan.r1s[l].mutable_data_ptr<A>();
+  d.dmap = plan.dmaps[l].numel() > 0 ? plan.dmaps[l].mutable_data_ptr<A>() : nullptr;
+  return d;
+}
+
+template <typename T, typename A>
 LayerDesc<T, A> base_desc(BwdPlan& plan, size_t l) {
-  LayerDesc<T, A> d{};
-  const auto& v0 = plan.v0[l];
-  const auto& v1 = plan.v1[l];
-  d.f0 = v0.t.const_data_ptr<T>();
-  d.f1 = v1.t.const_data_ptr<T>();
-  d.w = plan.w[l].defined() ? plan.w[l].const_data_ptr<A>() : nullptr;
-  d.sN0 = v0.sN; d.sC0 = v0.sC; d.sP0 = v0.sP;
-  d.sN1 = v1.sN; d.sC1 = v1.sC; d.sP1 = v1.sP;
-  d.N = v0.t.size(0);
-  d.C = v0.t.size(1);
-  d.P = v0.t.size(2) * v0.t.size(3);
+  auto d = input_desc<T, A>(plan, l);
   d.r0 = const_cast<A*>(plan.r0s[l].const_data_ptr<A>());
   d.r1 = const_cast<A*>(plan.r1s[l].const_data_ptr<A>());
   d.gvalue = plan.gvalues.const_data_ptr<A>() + l * d.N;
@@ -294,7 +291,6 @@ LayerDesc<T, A> base_desc(BwdPlan& plan, size_t l) {
   d.g1 = plan.want1 ? g1.buf.mutable_data_ptr<T>() : nullptr;
   d.gsN0 = g0.sN; d.gsC0 = g0.sC; d.gsP0 = g0.sP;
   d.gsN1 = g1.sN; d.gsC1 = g1.sC; d.gsP1 = g1.sP;
-  d.chfast = (d.C > 1 && d.sC0 == 1 && d.sC1 == 1) ? 1 : 0;
   return d;
 }
 
