@@ -42,11 +42,11 @@ def _device(name: str):
     return dev
 
 
-def _model(args, spatial: bool = False):
+def _model(args, spatial: bool = False, device=None):
     import lpips_fast
     model = lpips_fast.LPIPS(net=args.net, version=args.version, verbose=False, impl=args.impl,
                              spatial=spatial, precision=getattr(args, "precision", "fp32"))
-    return model.to(_device(args.device))
+    return model.to(device if device is not None else _device(args.device))
 
 
 def _head_name(model) -> str:
@@ -158,45 +158,252 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
-def _run_pairs(args, command: str, pairs, header, extra: dict) -> int:
-    """Score `pairs` into the CSV (resuming if asked), then report and write the summary."""
-    from lpips_fast.folders import CsvRows, format_value, score_pairs, summary
-    from lpips_fast.io import alpha_note, note_once
+# --- distributed launches ---------------------------------------------------------------------
+#
+# dirs, allpairs and video always run through `distributed.run_sharded` (one process is a world
+# of one): the work is cut into chunks that do not depend on the number of ranks (dirs: one batch
+# of --batch-size pairs; allpairs: the pairs whose first image is in one block of --batch-size
+# images; video: one batch of frames), chunk c runs on rank c mod world size, and rank 0 writes
+# the chunks in order. Rank 0 alone lists the folders, reads a resumed CSV and plans the work,
+# then broadcasts the plan; the other ranks print nothing.
 
-    _device(args.device)  # a bad --device fails before any file is written
-    summary_path = _summary_path(args)
-    _check_resume_options(args, summary_path)
-    rows = CsvRows(args.output, header, key_columns=len(header) - 1, resume=args.resume)
-    todo = [p for p in pairs if p.key not in rows.done]
-    done_before = len(pairs) - len(todo)
-    info = {"command": command, **extra, "options": _options(args), "output": args.output}
-    if summary_path:
-        _write_json(summary_path, {**info, "complete": False})
-    if args.resume and done_before:
-        _err(f"resuming: {done_before} of {len(pairs)} pairs already in {args.output}, "
-             f"{len(todo)} to go")
-    failures: list = []
-    interrupted = False
+# Hidden, for tests: under a run, the rank with this number raises on its second chunk.
+FAIL_RANK_ENV = "LPIPS_FAST_FAIL_RANK"
+
+
+class _Quiet(Exception):
+    """On a rank other than 0: rank 0 reported an error (and printed it); exit quietly."""
+
+
+class _Stop(Exception):
+    """Raised in rank 0's writer to stop every rank (the reason is kept by the caller)."""
+
+
+def _context(args):
+    """The run's ranks: a launch's process group, else one process on --device."""
+    import torch
+    from lpips_fast import distributed
+    from lpips_fast.folders import UsageError
+    if not distributed.launched():
+        return distributed.Context(device=_device(args.device))
+    if args.device not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"--device {args.device}: under a distributed launch each rank uses "
+                         "cuda:LOCAL_RANK (--device auto or cuda) or the CPU (--device cpu)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here (use --device cpu)")
+    return distributed.setup(device="cpu" if args.device == "cpu" else None)
+
+
+def _share(ctx, fn):
+    """Rank 0 runs fn() and every rank gets its value; if it raised, rank 0 raises it and the
+    other ranks raise _Quiet."""
+    if not ctx.distributed:
+        return fn()
+    import torch.distributed as dist
+    box = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except BaseException as e:
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+            dist.broadcast_object_list(box, src=0, group=ctx.group)
+            raise
+    dist.broadcast_object_list(box, src=0, group=ctx.group)
+    if box[0][0] == "error":
+        raise _Quiet(box[0][1])
+    return box[0][1]
+
+
+def _agree(ctx, fn):
+    """Every rank runs fn(); if it raised on any rank, every rank raises (rank 0: its own error,
+    else a UsageError naming the first rank that failed)."""
+    from lpips_fast.folders import UsageError
+    try:
+        value, err = fn(), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        value, err = None, e
+    if ctx.distributed:
+        import torch.distributed as dist
+        seen = [None] * ctx.world_size
+        dist.all_gather_object(seen, None if err is None else str(err), group=ctx.group)
+        failed = [(r, m) for r, m in enumerate(seen) if m is not None]
+        if failed and err is None:
+            if not ctx.is_main:
+                raise _Quiet(failed[0][1])
+            raise UsageError(f"rank {failed[0][0]} of {ctx.world_size}: {failed[0][1]}")
+    if err is not None:
+        raise err
+    return value
+
+
+def _sharded(ctx, n_chunks: int, compute, write):
+    """run_sharded over chunks 0..n_chunks-1: compute(c) on c's rank, write(c, result) on rank 0
+    in order. Raises ShardError on every rank if any rank failed."""
+    from lpips_fast.distributed import run_sharded
+    fail_rank = os.environ.get(FAIL_RANK_ENV)
+    calls = [0]
+
+    def compute_fn(chunk):
+        calls[0] += 1
+        if fail_rank == str(ctx.rank) and calls[0] == 2:
+            raise RuntimeError(f"injected failure ({FAIL_RANK_ENV}={fail_rank})")
+        return compute(chunk[0])
+
+    run_sharded(range(n_chunks), compute_fn, lambda c, chunk, res: write(chunk[0], res),
+                chunk=1, ctx=ctx)
+
+
+def _rank_failure(e, ctx, describe) -> str:
+    """One line for a ShardError: which rank failed, on what, and its error."""
+    if e.rank is None or e.chunk is None:
+        return str(e).splitlines()[0]
+    verb = "failed writing" if str(e).startswith("rank 0 failed writing") else "failed on"
+    return f"rank {e.rank} of {ctx.world_size} {verb} {describe(e.chunk)}: {e.error}"
+
+
+def _lost_contact(e, ctx) -> int:
+    """On a rank other than 0: say so only when rank 0 could not (it was lost)."""
+    if e.rank is None:
+        print(f"error: {str(e).splitlines()[0]}", file=_REAL_STDERR)
+    return 1
+
+
+def _run_pairs(args, command: str, listing) -> int:
+    """Score the pairs of `listing()` (run on rank 0: (pairs, header, extra)) into the CSV
+    (resuming if asked), then report and write the summary."""
+    from lpips_fast.distributed import teardown
+    ctx = _context(args)  # a bad --device fails before any file is written
+    try:
+        return _run_pairs_on(args, ctx, command, listing)
+    finally:
+        teardown(ctx)
+
+
+def _run_pairs_on(args, ctx, command, listing) -> int:
+    from lpips_fast.distributed import ShardError
+    from lpips_fast.folders import (AllPairsScorer, CsvRows, pair_loader, plan_allpairs,
+                                    plan_pairs, score_batch, summary)
+    names = getattr(args, "_names", str)
+    main: dict = {}  # rank 0's state
+
+    def prepare():
+        pairs, header, extra = listing()
+        summary_path = _summary_path(args)
+        _check_resume_options(args, summary_path)
+        rows = CsvRows(args.output, header, key_columns=len(header) - 1, resume=args.resume)
+        try:
+            todo = [p for p in pairs if p.key not in rows.done]
+            if command == "allpairs":
+                bad, groups, items = plan_allpairs(pairs, rows.done, args.net, args.batch_size,
+                                                   args.resize, names)
+                work = (groups, items)
+            else:
+                bad, ordered, batches = plan_pairs(todo, args.net, args.batch_size, args.resize,
+                                                   names)
+                work = (ordered, batches)
+        except BaseException:
+            rows.close()
+            raise
+        info = {"command": command, **extra, "options": _options(args), "output": args.output}
+        if summary_path:
+            _write_json(summary_path, {**info, "complete": False})
+        done_before = len(pairs) - len(todo)
+        if args.resume and done_before:
+            _err(f"resuming: {done_before} of {len(pairs)} pairs already in {args.output}, "
+                 f"{len(todo)} to go")
+        main.update(pairs=pairs, rows=rows, todo=todo, bad=bad, info=info,
+                    summary_path=summary_path, done_before=done_before)
+        return work
+
+    work = _share(ctx, prepare)
+    rows = main.get("rows")
+    failures: list = list(main.get("bad", []))
+    interrupted, failed_rank = False, None
     t0 = time.perf_counter()
     try:
-        if todo:
-            _score_into(args, todo, rows, failures, format_value, score_pairs, note_once,
-                        alpha_note)
+        if command == "allpairs":
+            groups, items = work
+            n_chunks = len(items)
+
+            def describe(c):
+                pos = [w[0] for w in items[c][2]]
+                first, last = main["pairs"][pos[0]].key, main["pairs"][pos[-1]].key
+                return (f"pair ({', '.join(first)})" if first == last
+                        else f"pairs ({', '.join(first)}) .. ({', '.join(last)})")
+        else:
+            ordered, batches = work
+            n_chunks = len(batches)
+
+            def describe(c):
+                first, last = ordered[batches[c][0]][0].key, ordered[batches[c][-1]][0].key
+                return (f"pair {', '.join(first)}" if first == last
+                        else f"pairs {', '.join(first)} .. {', '.join(last)}")
+        if n_chunks:
+            model = _agree(ctx, lambda: _model(args, device=ctx.device))
+            if command == "allpairs":
+                scorer = AllPairsScorer(groups, model, block=args.batch_size,
+                                        workers=args.workers, resample=args.resample)
+                compute = lambda c: scorer.compute(items[c])  # noqa: E731
+
+                def results(c, res):
+                    values, alphas = res
+                    return [(main["pairs"][pos], v, e) for pos, v, e in values], alphas
+            else:
+                own = batches[ctx.rank::ctx.world_size]  # this rank's chunks, in order
+                loader = {}
+
+                def compute(c):
+                    if "it" not in loader:
+                        loader["it"] = iter(pair_loader(ordered, own, device=ctx.device,
+                                                        workers=args.workers,
+                                                        resample=args.resample))
+                    loaded = next(loader["it"])
+                    values = score_batch(model, ctx.device, loaded)
+                    if [i for i, _, _ in values] != batches[c]:
+                        raise RuntimeError(f"chunk {c}: the loader gave other pairs")
+                    return values, loaded[4]
+
+                def results(c, res):
+                    values, alphas = res
+                    return [(ordered[i][0], v, e) for i, v, e in values], alphas
+            write = _pair_writer(args, ctx, main, rows, failures, results)
+            try:
+                _sharded(ctx, n_chunks, compute, write)
+            finally:
+                if command == "allpairs":
+                    scorer.close()
+                if "bar" in main:
+                    main["bar"].close()
     except KeyboardInterrupt:
         interrupted = True
+    except ShardError as e:
+        if not ctx.is_main:
+            return _lost_contact(e, ctx)
+        failed_rank = _rank_failure(e, ctx, describe)
     finally:
-        rows.close()
+        if rows is not None:
+            rows.close()
+    if not ctx.is_main:
+        return 130 if interrupted else 0
     elapsed = time.perf_counter() - t0
+    where = args.output or "stdout"
+    if failed_rank is not None:
+        _err(f"error: {failed_rank}; the {rows.written} new rows written to {where} are kept"
+             + ("; run the same command with --resume to finish" if args.output else ""))
+        return 1
     if interrupted:
-        where = args.output or "stdout"
         _err(f"interrupted: {rows.written} new rows written to {where}"
-             + (f"; run the same command with --resume to continue" if args.output else ""))
+             + ("; run the same command with --resume to continue" if args.output else ""))
         return 130
 
+    pairs, info, summary_path = main["pairs"], main["info"], main["summary_path"]
+    done_before = main["done_before"]
     stats = summary(rows.values)
     failed = [{"pair": list(r.pair.key), "error": r.error} for r in failures]
     info.update(stats, scored_now=rows.written, resumed=done_before, failed=failed,
                 seconds=round(elapsed, 3), complete=True)
+    if ctx.distributed:
+        info["ranks"] = ctx.world_size
     if summary_path:
         _write_json(summary_path, info)
     if failures:
@@ -213,6 +420,7 @@ def _run_pairs(args, command: str, pairs, header, extra: dict) -> int:
         rate = f", {rows.written / elapsed:.1f} pairs/s" if rows.written and elapsed > 0 else ""
         lines = [f"scored {rows.written} pairs in {elapsed:.1f} s{rate}"
                  + (f" (+{done_before} resumed)" if done_before else "")
+                 + (f" on {ctx.world_size} ranks" if ctx.distributed else "")
                  + (f" -> {args.output}" if args.output else "")]
         if stats["count"]:
             lines.append(f"LPIPS mean {stats['mean']:.6f}  std {stats['std']:.6f}  "
@@ -223,29 +431,32 @@ def _run_pairs(args, command: str, pairs, header, extra: dict) -> int:
     return 1 if failures else 0
 
 
-def _score_into(args, todo, rows, failures, format_value, score_pairs, note_once, alpha_note):
+def _pair_writer(args, ctx, main, rows, failures, results):
+    """Rank 0's write(c, result): rows to the CSV (flushed), failures kept, the progress bar."""
+    from lpips_fast.folders import Result, format_value
+    from lpips_fast.io import alpha_note, note_once
     from tqdm import tqdm
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
-    dev = _device(args.device)
-    model = _model(args)
-    root_names = getattr(args, "_names", str)
-    bar = tqdm(total=len(todo), unit="pair", file=sys.stderr, dynamic_ncols=True,
-               disable=True if args.quiet else None, smoothing=0.05)
-    try:
-        for results in score_pairs(todo, model, device=dev, batch_size=args.batch_size,
-                                   workers=args.workers, resize_policy=args.resize,
-                                   resample=args.resample, names=root_names,
-                                   note=lambda kind, path: note_once(kind, alpha_note(path))):
-            rows.write([[*r.pair.key, format_value(r.value)] for r in results if r.error is None])
-            bad = [r for r in results if r.error is not None]
-            failures.extend(bad)
-            bar.update(len(results))
-            if bad:
-                bar.set_postfix(failed=len(failures), refresh=False)
-            if stop_after and rows.written >= stop_after:
-                raise KeyboardInterrupt
-    finally:
-        bar.close()
+    # Hidden, for tests (one process only): stop as if interrupted after this many rows.
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0) if not ctx.distributed else 0
+    if ctx.is_main:
+        main["bar"] = bar = tqdm(total=len(main["todo"]), unit="pair", file=sys.stderr,
+                                 dynamic_ncols=True, disable=True if args.quiet else None,
+                                 smoothing=0.05)
+        bar.update(len(failures))
+
+    def write(c, res):
+        got, alphas = results(c, res)
+        for path in alphas[:1]:
+            note_once("alpha", alpha_note(path))
+        rows.write([[*pair.key, format_value(v)] for pair, v, e in got if e is None])
+        bad = [Result(pair, error=e) for pair, v, e in got if e is not None]
+        failures.extend(bad)
+        bar.update(len(got))
+        if bad:
+            bar.set_postfix(failed=len(failures), refresh=False)
+        if stop_after and rows.written >= stop_after:
+            raise KeyboardInterrupt
+    return write
 
 
 def _relative_namer(*roots):
@@ -275,92 +486,144 @@ def _images_or_fail(root, recursive):
 
 
 def cmd_dirs(args) -> int:
-    from lpips_fast.folders import Pair, UsageError, match_by_name
     d0, d1 = Path(args.dir0), Path(args.dir1)
-    names0, ign0 = _images_or_fail(d0, args.recursive)
-    names1, ign1 = _images_or_fail(d1, args.recursive)
-    matched, only0, only1, ambiguous = match_by_name(names0, names1, args.match)
-    if ambiguous:
-        _err(f"note: {len(ambiguous)} names share a stem with another file in their folder and "
-             f"are not paired: {_listing(ambiguous)}")
-    for d, only in ((d0, only0), (d1, only1)):
-        if only:
-            _err(f"note: {len(only)} names only in {d} (not scored): {_listing(only)}")
-    if not matched:
-        raise UsageError(f"no file names in common between {d0} and {d1}"
-                         + (" (try --match stem to ignore suffixes)" if args.match == "name"
-                            else ""))
-    if args.match == "name":
-        header = ["name", "lpips"]
-        pairs = [Pair((a,), d0 / a, d1 / b) for a, b in matched]
-    else:
-        header = ["name0", "name1", "lpips"]
-        pairs = [Pair((a, b), d0 / a, d1 / b) for a, b in matched]
     args._names = _relative_namer(d0, d1)
-    extra = {"dir0": str(d0), "dir1": str(d1), "recursive": args.recursive, "match": args.match,
-             "only_in_dir0": only0, "only_in_dir1": only1, "ambiguous": ambiguous,
-             "ignored": {"dir0": ign0, "dir1": ign1}}
-    return _run_pairs(args, "dirs", pairs, header, extra)
+
+    def listing():
+        from lpips_fast.folders import Pair, UsageError, match_by_name
+        names0, ign0 = _images_or_fail(d0, args.recursive)
+        names1, ign1 = _images_or_fail(d1, args.recursive)
+        matched, only0, only1, ambiguous = match_by_name(names0, names1, args.match)
+        if ambiguous:
+            _err(f"note: {len(ambiguous)} names share a stem with another file in their folder "
+                 f"and are not paired: {_listing(ambiguous)}")
+        for d, only in ((d0, only0), (d1, only1)):
+            if only:
+                _err(f"note: {len(only)} names only in {d} (not scored): {_listing(only)}")
+        if not matched:
+            raise UsageError(f"no file names in common between {d0} and {d1}"
+                             + (" (try --match stem to ignore suffixes)" if args.match == "name"
+                                else ""))
+        if args.match == "name":
+            header = ["name", "lpips"]
+            pairs = [Pair((a,), d0 / a, d1 / b) for a, b in matched]
+        else:
+            header = ["name0", "name1", "lpips"]
+            pairs = [Pair((a, b), d0 / a, d1 / b) for a, b in matched]
+        extra = {"dir0": str(d0), "dir1": str(d1), "recursive": args.recursive,
+                 "match": args.match, "only_in_dir0": only0, "only_in_dir1": only1,
+                 "ambiguous": ambiguous, "ignored": {"dir0": ign0, "dir1": ign1}}
+        return pairs, header, extra
+    return _run_pairs(args, "dirs", listing)
 
 
 def cmd_allpairs(args) -> int:
-    from lpips_fast.folders import Pair, UsageError, all_pairs
+    """Every unordered pair of a folder, with the embedding engine: one backbone pass per image
+    and a Gram product per layer and block (lpips_fast.pairwise), not one forward per pair."""
     d = Path(args.dir)
-    names, ignored = _images_or_fail(d, args.recursive)
-    if len(names) < 2:
-        raise UsageError(f"{d}: allpairs needs at least 2 images, found {len(names)}")
-    pairs = [Pair((a, b), d / a, d / b) for a, b in all_pairs(names)]
     args._names = _relative_namer(d)
-    extra = {"dir": str(d), "recursive": args.recursive, "images": len(names),
-             "ignored": ignored}
-    return _run_pairs(args, "allpairs", pairs, ["a", "b", "lpips"], extra)
+
+    def listing():
+        from lpips_fast.folders import Pair, UsageError, all_pairs
+        names, ignored = _images_or_fail(d, args.recursive)
+        if len(names) < 2:
+            raise UsageError(f"{d}: allpairs needs at least 2 images, found {len(names)}")
+        pairs = [Pair((a, b), d / a, d / b) for a, b in all_pairs(names)]
+        extra = {"dir": str(d), "recursive": args.recursive, "images": len(names),
+                 "ignored": ignored}
+        return pairs, ["a", "b", "lpips"], extra
+    return _run_pairs(args, "allpairs", listing)
 
 
 # --- video ------------------------------------------------------------------------------------
 
 def cmd_video(args) -> int:
+    from lpips_fast.distributed import teardown
+    ctx = _context(args)
+    try:
+        return _video_on(args, ctx)
+    finally:
+        teardown(ctx)
+
+
+def _video_on(args, ctx) -> int:
     import csv
+    import math
+    import torch
+    from lpips_fast.distributed import ShardError
     from lpips_fast.folders import UsageError, format_value, summary
-    from lpips_fast.video import score_video
+    from lpips_fast.video import VideoPairs
     from tqdm import tqdm
     if args.output and not Path(args.output).parent.exists():
         raise UsageError(f"{Path(args.output).parent}: no such directory for the output file")
-    dev = _device(args.device)
-    model = _model(args)
-    gen = score_video(args.ref, args.dist, model, device=dev, batch_size=args.batch_size,
-                      resize_policy=args.resize, resample=args.resample)
-    first = next(gen)  # opens and checks both videos before the output file is created
-    f = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
-    w = csv.writer(f, lineterminator="\n")
-    w.writerow(["frame", "time", "lpips"])
+    model = _agree(ctx, lambda: _model(args, device=ctx.device))
+    # opens and checks both videos (every rank decodes them) before the output file is created
+    video = _agree(ctx, lambda: VideoPairs(args.ref, args.dist, args.net, args.resize,
+                                           args.resample))
+    bs = args.batch_size
     values: list[float] = []
-    bar = tqdm(unit="frame", file=sys.stderr, dynamic_ncols=True,
-               disable=True if args.quiet else None)
-    error = None
+    state = {"error": None}
+    f = bar = w = None
+    if ctx.is_main:
+        f = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["frame", "time", "lpips"])
+        f.flush()
+        bar = tqdm(total=video.count, unit="frame", file=sys.stderr, dynamic_ncols=True,
+                   disable=True if args.quiet else None)
+
+    def compute(b):
+        try:
+            times, x0, x1 = video.read(b * bs, (b + 1) * bs)
+        except UsageError as e:  # written in order by rank 0, which then stops every rank
+            return "error", str(e)
+        with torch.inference_mode():
+            d = model(x0.to(ctx.device), x1.to(ctx.device))
+        vals = d.flatten().float().cpu().tolist()
+        return "ok", [(b * bs + k, times[k], vals[k]) for k in range(len(vals))]
+
+    def write(b, res):
+        status, batch = res
+        if status == "error":
+            state["error"] = batch
+            raise _Stop(batch)
+        w.writerows([[i, f"{t:.6g}", format_value(v)] for i, t, v in batch])
+        f.flush()
+        values.extend(v for _, _, v in batch)
+        bar.update(len(batch))
+
+    failed_rank = None
     try:
-        batch = first
-        while batch is not None:
-            w.writerows([[i, f"{t:.6g}", format_value(v)] for i, t, v in batch])
-            f.flush()
-            values += [v for _, _, v in batch]
-            bar.update(len(batch))
-            try:
-                batch = next(gen)
-            except StopIteration:
-                batch = None
-            except UsageError as e:
-                error, batch = e, None
+        _sharded(ctx, math.ceil(video.count / bs), compute, write)
+    except ShardError as e:
+        if not ctx.is_main:
+            return 2 if e.rank == 0 and "_Stop" in (e.error or "") else _lost_contact(e, ctx)
+        if state["error"] is None:
+            def frames(b):
+                lo, hi = b * bs, min((b + 1) * bs, video.count) - 1
+                return f"frame {lo}" if lo == hi else f"frames {lo} .. {hi}"
+            failed_rank = _rank_failure(e, ctx, frames)
     finally:
-        bar.close()
-        if f is not sys.stdout:
+        video.close()
+        if bar is not None:
+            bar.close()
+        if f is not None and f is not sys.stdout:
             f.close()
+    if not ctx.is_main:
+        return 0
+    where = args.output or "stdout"
+    if failed_rank is not None:
+        _err(f"error: {failed_rank}; the {len(values)} frames written to {where} are kept")
+        return 1
     stats = summary(values)
     info = {"command": "video", "ref": args.ref, "dist": args.dist, "options": _options(args),
             "output": args.output, **stats}
+    if ctx.distributed:
+        info["ranks"] = ctx.world_size
     if args.summary and args.summary != "-":
         _write_json(Path(args.summary), info)
-    if error is not None:
-        _err(f"error: {error} ({len(values)} frames scored and kept)")
+    if state["error"] is not None:
+        _err(f"error: {state['error']} ({len(values)} frames scored and kept)")
         return 2
     report = sys.stdout if args.output else sys.stderr
     if args.json and args.output:
@@ -556,15 +819,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_REAL_STDERR = sys.stderr
+
+
 def main(argv=None) -> int:
+    global _REAL_STDERR
     args = build_parser().parse_args(argv)
     if getattr(args, "from_file", None) and not args.net:
         _err("error: --from needs --net")
         return 2
+    from lpips_fast.distributed import launched
+    _REAL_STDERR = sys.stderr
+    if launched() and os.environ.get("RANK", "0") != "0":
+        # Under a launch only rank 0 prints (and writes files); the others tell rank 0.
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        try:
+            return _main(args)
+        except Exception:  # noqa: BLE001 - unexpected: the traceback goes to the real stderr
+            import traceback
+            traceback.print_exc(file=_REAL_STDERR)
+            return 1
+    return _main(args)
+
+
+def _main(args) -> int:
     from lpips_fast.folders import UsageError
     from lpips_fast.weights import WeightsNotFound
     try:
         return args.func(args)
+    except _Quiet:
+        return 2
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

@@ -31,11 +31,14 @@ import torch.distributed as dist
 
 
 class ShardError(RuntimeError):
-    """A rank failed (or was lost) during `run_sharded`. Attributes: rank, items, message."""
+    """A rank failed (or was lost) during `run_sharded`. Attributes: rank (None: lost contact),
+    items (the failed chunk's), chunk (its index), error (the exception's one-line
+    "Type: message", without the traceback)."""
 
-    def __init__(self, message: str, rank: int | None = None, items=None):
+    def __init__(self, message: str, rank: int | None = None, items=None,
+                 chunk: int | None = None, error: str | None = None):
         super().__init__(message)
-        self.rank, self.items = rank, items
+        self.rank, self.items, self.chunk, self.error = rank, items, chunk, error
 
 
 @dataclass
@@ -143,7 +146,7 @@ def _run(items, compute_fn, write_fn, chunk, ctx: Context) -> int:
             try:
                 mine = ("ok", c, compute_fn(chunks[c]))
             except Exception as e:  # reported to rank 0, raised everywhere below
-                mine = ("error", c, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+                mine = ("error", c, (f"{type(e).__name__}: {e}", traceback.format_exc()))
         else:
             mine = ("idle", c, None)
         gathered = [mine] if W == 1 else _gather(mine, ctx, t)
@@ -157,14 +160,16 @@ def _run(items, compute_fn, write_fn, chunk, ctx: Context) -> int:
                     first, last = chunks[ci][0], chunks[ci][-1]
                     failure = (f"rank {rank} of {W} failed on chunk {ci} (items {first!r} .. "
                                f"{last!r}); the {done} chunks before it were written. "
-                               f"Its error: {payload}", rank, chunks[ci])
+                               f"Its error: {payload[0]}\n{payload[1]}", rank, chunks[ci], ci,
+                               payload[0])
                     break
                 if write_fn is not None:
                     try:
                         write_fn(ci, chunks[ci], payload)
                     except Exception as e:
                         failure = (f"rank 0 failed writing chunk {ci}: {type(e).__name__}: {e}"
-                                   f"\n{traceback.format_exc()}", 0, chunks[ci])
+                                   f"\n{traceback.format_exc()}", 0, chunks[ci], ci,
+                                   f"{type(e).__name__}: {e}")
                         break
                 done += 1
         elif mine[0] == "ok":
@@ -179,7 +184,7 @@ def _run(items, compute_fn, write_fn, chunk, ctx: Context) -> int:
             failure = box[0]
         if failure is not None:
             raise ShardError(failure[0] if R == 0 else f"rank {R} stops: {failure[0]}",
-                             failure[1], failure[2])
+                             *failure[1:])
     return done
 
 

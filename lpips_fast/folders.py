@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .pairwise import ImageSet
 from .io import (ImageError, check_min_size, image_size, mismatch_message, read_image, resize,
                  target_size)
 
@@ -170,18 +171,17 @@ def scan_sizes(paths: Iterable[Path], net: str) -> dict[Path, tuple[int, int] | 
         return dict(zip(paths, ex.map(one, paths)))
 
 
-def score_pairs(pairs: list[Pair], model, *, device, batch_size: int = 32, workers: int = 0,
-                resize_policy: str = "none", resample: str = "bicubic",
-                names: Callable[[Path], str] = str, note: Callable[[str, str], None] | None = None
-                ) -> Iterator[list[Result]]:
-    """LPIPS distances of `pairs` with `model`, yielded as lists of Results, batch by batch.
+def plan_pairs(pairs: list[Pair], net: str, batch_size: int = 32, resize_policy: str = "none",
+               names: Callable[[Path], str] = str):
+    """The scoring order of `pairs`, from the image headers alone.
 
-    Pairs whose files cannot be scored come back as Results with an error (one line naming the
-    file). Order: pairs are grouped by their scoring size (groups in order of first appearance),
-    each group in the given order, so a given input always gives the same order, also when
-    resumed. `names` turns a path into the name used in messages.
+    Returns (failed Results, ordered list of (pair, scoring size), batches): pairs that cannot be
+    scored (a missing, unreadable or too small file, a size mismatch) come back as Results with
+    an error; the rest are grouped by scoring size (groups in order of first appearance, each in
+    the given order) and cut into batches of at most `batch_size` indices into `ordered`, never
+    across groups. Deterministic: a given input always gives the same order, also when resumed.
     """
-    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)], model.pnet_type)
+    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)], net)
     groups: dict[tuple[int, int], list[Pair]] = {}
     bad: list[Result] = []
     for pair in pairs:
@@ -195,31 +195,215 @@ def score_pairs(pairs: list[Pair], model, *, device, batch_size: int = 32, worke
                                                            names(pair.path1), s1)))
             continue
         groups.setdefault(size, []).append(pair)
-    if bad:
-        yield bad
     ordered = [(pair, size) for size, ps in groups.items() for pair in ps]
-    if not ordered:
-        return
     batches, start = [], 0
     for size, ps in groups.items():
         for k in range(0, len(ps), batch_size):
             batches.append(list(range(start + k, start + min(k + batch_size, len(ps)))))
         start += len(ps)
+    return bad, ordered, batches
+
+
+def pair_loader(ordered, batches, *, device, workers: int = 0, resample: str = "bicubic"):
+    """A DataLoader yielding, for each batch (a list of indices into `ordered`), (indices of the
+    loaded pairs, x0, x1, [(index, error)], [paths with alpha])."""
     dataset = PairDataset([p for p, _ in ordered], [s for _, s in ordered], resample)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None)
-    with torch.inference_mode():
-        for idx, x0, x1, failed, alphas in loader:
-            if note and alphas:
-                note("alpha", alphas[0])
-            out = [(i, Result(dataset.pairs[i], error=msg)) for i, msg in failed]
-            if idx:
-                d = model(x0.to(device, non_blocking=True), x1.to(device, non_blocking=True))
-                out += [(i, Result(dataset.pairs[i], value=float(v)))
-                        for i, v in zip(idx, d.flatten().float().cpu().tolist())]
-            yield [r for _, r in sorted(out, key=lambda t: t[0])]
+
+
+def score_batch(model, device, loaded) -> list[tuple[int, float | None, str | None]]:
+    """(index, value, error) for one batch from `pair_loader`, by index."""
+    idx, x0, x1, failed, _ = loaded
+    out = [(i, None, msg) for i, msg in failed]
+    if idx:
+        with torch.inference_mode():
+            d = model(x0.to(device, non_blocking=True), x1.to(device, non_blocking=True))
+        out += [(i, float(v), None) for i, v in zip(idx, d.flatten().float().cpu().tolist())]
+    return sorted(out, key=lambda t: t[0])
+
+
+def score_pairs(pairs: list[Pair], model, *, device, batch_size: int = 32, workers: int = 0,
+                resize_policy: str = "none", resample: str = "bicubic",
+                names: Callable[[Path], str] = str, note: Callable[[str, str], None] | None = None
+                ) -> Iterator[list[Result]]:
+    """LPIPS distances of `pairs` with `model`, yielded as lists of Results, batch by batch.
+
+    Pairs whose files cannot be scored come back as Results with an error (one line naming the
+    file). Order: see `plan_pairs`. `names` turns a path into the name used in messages.
+    """
+    bad, ordered, batches = plan_pairs(pairs, model.pnet_type, batch_size, resize_policy, names)
+    if bad:
+        yield bad
+    if not ordered:
+        return
+    for loaded in pair_loader(ordered, batches, device=device, workers=workers,
+                              resample=resample):
+        if note and loaded[4]:
+            note("alpha", loaded[4][0])
+        yield [Result(ordered[i][0], value=v, error=e)
+               for i, v, e in score_batch(model, device, loaded)]
+
+
+# --- all pairs of a folder: one backbone pass per image ----------------------------------------
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Image i of `paths` as a 3 x H x W tensor in [-1, 1] at `size`, or its error message."""
+
+    def __init__(self, paths, size, resample):
+        self.paths, self.size, self.resample = list(paths), tuple(size), resample
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            a, alpha = read_image(self.paths[i])
+        except ImageError as e:
+            return i, None, str(e), None
+        x = resize(torch.from_numpy(a).permute(2, 0, 1), self.size, self.resample)
+        return i, x.contiguous(), None, self.paths[i] if alpha else None
+
+
+def _list_collate(items):
+    return items
+
+
+class FileImages(ImageSet):
+    """Image files at one size for `PairwisePlan`, decoded by a DataLoader (worker processes)
+    in the order the engine embeds them (each image once). A file that cannot be decoded is
+    embedded as a gray image and listed in `failed` (index -> message); its pairs are failures.
+    """
+
+    def __init__(self, paths, size, resample="bicubic", batch_size=32, workers=0):
+        self.name, self.lazy, self.tensor = "images", True, None
+        self.items, self.size = list(paths), tuple(size)
+        self.dataset = ImageDataset(self.items, self.size, resample)
+        self.batch_size, self.workers = batch_size, workers
+        self.failed: dict[int, str] = {}
+        self.alphas: list = []
+        self._it, self._buf = None, {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def _one(self, item):
+        i, x, err, alpha = item
+        if err is not None:
+            self.failed[i] = err
+            x = torch.zeros(3, *self.size)
+        if alpha is not None:
+            self.alphas.append(alpha)
+        return x
+
+    def batch(self, lo: int, hi: int) -> torch.Tensor:
+        if self._it is None:
+            self._it = iter(torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                collate_fn=_list_collate, worker_init_fn=_worker_init if self.workers else None,
+                prefetch_factor=4 if self.workers else None))
+        out = []
+        for i in range(lo, hi):
+            while i not in self._buf:
+                item = next(self._it, None)
+                if item is None:  # asked again for an image already passed: decode it here
+                    self._buf[i] = self.dataset[i]
+                    break
+                for it in item:
+                    self._buf[it[0]] = it
+            out.append(self._one(self._buf.pop(i)))
+        return torch.stack(out)
+
+
+def plan_allpairs(pairs: list[Pair], done: set, net: str, block: int,
+                  resize_policy: str = "none", names: Callable[[Path], str] = str):
+    """The work of `allpairs` (pairs: every unordered pair of a sorted name list, a before b).
+
+    Returns (failed Results, groups, items). Pairs are grouped by scoring size, as `plan_pairs`
+    does; a group is (size, its image paths in name order); the pairs of a group are then in
+    (row, column) order of its images. An item is (group, row block, [(position in `pairs`,
+    row, column)]) for the pairs not in `done` whose row image is in that block of `block`
+    images; items are in output order. The images of a group and its blocks do not depend on
+    `done`, so a resumed run computes every value exactly as an uninterrupted one.
+    """
+    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)], net)
+    bad: list[Result] = []
+    grouped: dict[tuple[int, int], list[int]] = {}
+    for pos, pair in enumerate(pairs):
+        s0, s1 = sizes[pair.path0], sizes[pair.path1]
+        if isinstance(s0, str) or isinstance(s1, str):
+            error = s0 if isinstance(s0, str) else s1
+        else:
+            size = target_size(s0, s1, resize_policy)
+            if size is not None:
+                grouped.setdefault(size, []).append(pos)
+                continue
+            error = mismatch_message(names(pair.path0), s0, names(pair.path1), s1)
+        if pair.key not in done:
+            bad.append(Result(pair, error=error))
+    named: dict = {}
+    for pair in pairs:
+        named.setdefault(pair.key[0], pair.path0)
+        named.setdefault(pair.key[1], pair.path1)
+    rank = {p: k for k, (_, p) in enumerate(sorted(named.items()))}
+    groups, items = [], []
+    for size, positions in grouped.items():
+        paths = sorted({p for pos in positions for p in (pairs[pos].path0, pairs[pos].path1)},
+                       key=rank.__getitem__)
+        index = {p: k for k, p in enumerate(paths)}
+        blocks: dict[int, list] = {}
+        for pos in positions:
+            if pairs[pos].key in done:
+                continue
+            r, c = index[pairs[pos].path0], index[pairs[pos].path1]
+            blocks.setdefault(r // block, []).append((pos, r, c))
+        if blocks:
+            groups.append((size, paths))
+            items += [(len(groups) - 1, b, blocks[b]) for b in sorted(blocks)]
+    return bad, groups, items
+
+
+class AllPairsScorer:
+    """Scores the items of `plan_allpairs` with the embedding engine (`PairwisePlan`): the
+    images of a group are embedded once (when the first item of that group comes), a row block
+    is one Gram product per layer against the column blocks at or right of it."""
+
+    def __init__(self, groups, model, *, block: int, workers: int = 0, resample="bicubic"):
+        self.groups, self.model, self.block = groups, model, block
+        self.workers, self.resample = workers, resample
+        self._group, self._plan, self._images = None, None, None
+
+    def _use(self, g):
+        from .pairwise import PairwisePlan
+        if self._group != g:
+            self.close()
+            size, paths = self.groups[g]
+            self._images = FileImages(paths, size, self.resample, self.block, self.workers)
+            self._plan = PairwisePlan(self._images, model=self.model, batch_size=self.block,
+                                      block=self.block)
+            self._group = g
+        return self._plan, self._images
+
+    def compute(self, item):
+        """[(position, value, error)] of the item's pairs, and the paths noted for alpha."""
+        g, b, wanted = item
+        plan, images = self._use(g)
+        first = b * plan.block
+        rows = torch.cat([plan.block_distances(b, j) for j in range(b, plan.n_col_blocks)],
+                         dim=1).to("cpu", plan.out_dtype)
+        out = []
+        for pos, r, c in wanted:
+            err = images.failed.get(r) or images.failed.get(c)
+            out.append((pos, None, err) if err else (pos, float(rows[r - first, c - first]), None))
+        alphas, images.alphas = images.alphas, []
+        return out, alphas
+
+    def close(self):
+        if self._plan is not None:
+            self._plan.close()
+        self._group, self._plan, self._images = None, None, None
 
 
 # --- CSV output -------------------------------------------------------------------------------

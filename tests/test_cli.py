@@ -331,6 +331,60 @@ def test_allpairs_scores_every_unordered_pair(tmp_path, api):
     one_line_error(single, 2, "needs at least 2 images")
 
 
+def test_allpairs_embedding_engine_matches_per_pair_forwards(tmp_path):
+    """allpairs embeds each image once (N backbone passes, Gram products per block) and still
+    gives every pair's model(x_i, x_j) to 1e-5, in itertools.combinations order of the sorted
+    names within a size group, with failures, a second size (--resize) and --resume."""
+    import itertools
+    import lpips_fast
+    rng = np.random.default_rng()  # fresh images every run
+    d = tmp_path / "set"
+    d.mkdir()
+    names = [f"im{i:02d}.png" for i in range(11)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / name)
+    Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(d / "wide.png")
+    data = (d / "im03.png").read_bytes()
+    (d / "im05.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
+    common = ("allpairs", d, "--batch-size", "3", "--workers", "1", "-q")
+    full, to_first, part = tmp_path / "full.csv", tmp_path / "first.csv", tmp_path / "part.csv"
+    one_thread = {"OMP_NUM_THREADS": "1"}  # three processes on a small machine: no contention
+    plain, resized, stopped = run_many(
+        (*common, "-o", full), (*common, "-o", to_first, "--resize", "to-first"),
+        (*common, "-o", part, {"LPIPS_FAST_STOP_AFTER": "20"}), env_extra=one_thread)
+    assert plain.returncode == 1, plain.stderr  # im05's and wide.png's pairs failed
+    assert "im05.png: corrupt or truncated" in plain.stderr
+    assert "im00.png is 64 x 64 but set/wide.png is 80 x 48" in plain.stderr
+    good = [n for n in names if n != "im05.png"]
+    rows = read_csv(full)
+    assert rows[0] == ["a", "b", "lpips"]
+    assert [tuple(r[:2]) for r in rows[1:]] == list(itertools.combinations(good, 2))
+    model = lpips_fast.LPIPS(net="alex", verbose=False)
+    x = {n: load(d / n) for n in good}
+    with torch.no_grad():
+        for a, b, value in rows[1:]:
+            assert abs(float(value) - model(x[a], x[b]).item()) <= 1e-5, (a, b)
+    # --resize to-first: the wide image's pairs score at 64x64 (it is b of every pair), in
+    # the same 64x64 group, so the rows are in combinations order with it included
+    assert resized.returncode == 1, resized.stderr
+    rows2 = read_csv(to_first)
+    assert [tuple(r[:2]) for r in rows2[1:]] == list(itertools.combinations(good + ["wide.png"], 2))
+    from lpips_fast.io import resize
+    wide = resize(load(d / "wide.png"), (64, 64), "bicubic")
+    with torch.no_grad():
+        for a, _, value in rows2[1:]:
+            if _ == "wide.png":
+                assert abs(float(value) - model(x[a], wide).item()) <= 1e-5, a
+    assert {tuple(r) for r in rows[1:]} <= {tuple(r) for r in rows2[1:]}
+    # interrupted after a block, then resumed: the file of the uninterrupted run
+    assert stopped.returncode == 130, stopped.stderr
+    kept = read_csv(part)
+    assert 20 < len(kept) < len(rows) and kept == rows[:len(kept)]
+    resumed = run(*common, "-o", part, "--resume", env_extra=one_thread)
+    assert resumed.returncode == 1 and f"{len(kept) - 1} of 66 pairs already" in resumed.stderr
+    assert part.read_bytes() == full.read_bytes()
+
+
 # --- video -------------------------------------------------------------------------------------
 
 def write_video(path, frames, codec="mpeg4", rate=10):

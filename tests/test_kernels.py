@@ -16,7 +16,6 @@ Tolerances (why):
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -62,7 +61,6 @@ def feats(shape, dtype=torch.float32, device="cpu", layout="nchw", seed=0, gen_s
 
 def make_pair(shape, dtype, device, layout, seed=0):
     """(f0, f1, user-facing shapes); layout 'expand0'/'expand1' gives that input batch 1."""
-    n = shape[0]
     one = (1,) + tuple(shape[1:])
     base = "channels_last" if layout.endswith("_cl") else "nchw"
     if layout.startswith("expand0"):
