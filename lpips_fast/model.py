@@ -108,13 +108,14 @@ class LPIPS(nn.Module):
     ('fp32' exact, 'bf16', 'fp16') runs the backbone under autocast, the head in float32;
     tile_size (input pixels) or memory_budget (bytes, or a string such as '16GiB') splits
     large images into exact overlapping tiles (see `lpips_fast.tiling`); both attributes
-    can also be set after construction.
+    can also be set after construction; channels_last (default True) runs the backbone in
+    NHWC memory format, which the fused head reads without copies.
     """
 
     def __init__(self, pretrained=True, net="alex", version="0.1", lpips=True, spatial=False,
                  pnet_rand=False, pnet_tune=False, use_dropout=True, model_path=None,
                  eval_mode=True, verbose=True, *, impl="auto", backbone_path=None,
-                 precision="fp32", tile_size=None, memory_budget=None):
+                 precision="fp32", tile_size=None, memory_budget=None, channels_last=True):
         super().__init__()
         if version not in ("0.1", "0.0"):
             raise ValueError(f"version must be '0.1' or '0.0', got {version!r}")
@@ -140,6 +141,9 @@ class LPIPS(nn.Module):
             if verbose:
                 print(f"Loaded backbone weights from {found.source}: {found.location}")
         self.net.requires_grad_(pnet_tune)
+        self.channels_last = channels_last
+        if channels_last:  # NHWC convolutions: 1.2-1.3x on this CPU for large images
+            self.net.to(memory_format=torch.channels_last)
 
         if lpips:
             # Registered twice (lin0.. and lins.0..) exactly as upstream, so checkpoints and
@@ -198,6 +202,8 @@ class LPIPS(nn.Module):
         the model's precision: the caller consumes a layer before the next is computed, so
         without autograd only one stage's activations are alive ("streaming")."""
         low = PRECISIONS[self.precision]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for block in self.net.slices():
             with torch.autocast(x.device.type, dtype=low, enabled=low is not None):
                 x = block(x)
@@ -227,8 +233,10 @@ class LPIPS(nn.Module):
         """One layer's head: (per-sample value N, map N x 1 x h x w or None)."""
         weight = self.lins[k].weight if self.lpips else None
         if self.lpips and self.use_dropout and self.training:
-            # Dropout acts on the squared differences before the 1x1 conv: upstream's order.
-            d = self.lins[k]((reference.normalize(f0) - reference.normalize(f1)) ** 2)
+            # Dropout acts on the squared differences before the 1x1 conv: upstream's order,
+            # on an NCHW tensor so its random mask is drawn in upstream's element order.
+            d = self.lins[k](((reference.normalize(f0) - reference.normalize(f1)) ** 2)
+                             .contiguous())
             return d.mean(dim=(1, 2, 3)), d
         return self._head(f0, f1, weight, return_map=want_map)
 

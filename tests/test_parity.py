@@ -29,6 +29,7 @@ def build(net, impl, seed=0, **kwargs):
     ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, impl=impl, **kwargs)
     randomize_lins(ours, seed)
     ctor = {k: v for k, v in kwargs.items() if k in ("version", "lpips", "spatial", "use_dropout")}
+    # (channels_last and the other lpips_fast-only arguments stay on our side)
     return ours, official_like(ours, net=net, **ctor)
 
 
@@ -60,8 +61,9 @@ def test_values_match_official(net, version, use_lpips, spatial, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("n0,n1", [(1, 1), (3, 3), (3, 1), (1, 3)])
-def test_batches_and_normalize(net, n0, n1, impl):
-    ours, theirs = build(net, impl)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_and_normalize(net, n0, n1, impl, channels_last):
+    ours, theirs = build(net, impl, channels_last=channels_last)
     x0, x1 = make_pair(n0, n1, 64, 64, seed=n0 * 10 + n1)
     x0, x1 = (x0 + 1) / 2, (x1 + 1) / 2  # [0, 1] images, normalize=True maps them to [-1, 1]
     with torch.no_grad():
