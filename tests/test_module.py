@@ -136,3 +136,18 @@ def test_fallback_warns_once(monkeypatch):
         lpips_fast.LPIPS(pnet_rand=True, verbose=False)
     with pytest.raises(RuntimeError, match="not built"):
         lpips_fast.LPIPS(pnet_rand=True, verbose=False, impl="fused")
+
+
+def test_no_torchvision_at_run_time():
+    """The backbones are the project's own: building and running a model imports no
+    torchvision (a fresh interpreter, since the oracle in other tests imports it)."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, lpips_fast\n"
+            "m = lpips_fast.LPIPS(net='squeeze', pnet_rand=True, verbose=False)\n"
+            "x = torch.rand(1, 3, 32, 32)\n"
+            "m(x, x.flip(-1))\n"
+            "print(sorted(k for k in sys.modules if k.startswith('torchvision')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
