@@ -58,14 +58,14 @@ def official_model(net: str, state: dict, device):
     return m.eval().to(device)
 
 
-def implementations(net: str, device, compile_official: bool, precisions):
+def implementations(net: str, device, compiled: bool, precisions):
+    """The eager implementations, or (compiled=True) torch.compile of the official module."""
     torch.manual_seed(0)
     ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False).to(device)
     state = ours.state_dict()
-    impls = {"official": official_model(net, state, device)}
-    if compile_official:
-        impls["official+compile"] = torch.compile(official_model(net, state, device))
-    impls["lpips_fast"] = ours
+    if compiled:
+        return {"official+compile": torch.compile(official_model(net, state, device))}
+    impls = {"official": official_model(net, state, device), "lpips_fast": ours}
     for p in precisions:
         m = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, precision=p).to(device)
         m.load_state_dict(state)
@@ -98,12 +98,12 @@ def measure(step, device, warmup: int, repeats: int):
     return seconds, torch.cuda.max_memory_allocated(device) - base
 
 
-def run_case(net, n, size, backward, device, args):
+def run_case(net, n, size, backward, device, args, compiled=False):
     gen = torch.Generator().manual_seed(1)
     x0 = (torch.rand(n, 3, size, size, generator=gen) * 2 - 1).to(device)
     x1 = (torch.rand(n, 3, size, size, generator=gen) * 2 - 1).to(device)
     rows = {}
-    for name, model in implementations(net, device, args.compile, args.precisions).items():
+    for name, model in implementations(net, device, compiled, args.precisions).items():
         try:
             sec, peak = measure(make_step(model, x0, x1, backward), device, args.warmup,
                                 args.repeats)
@@ -190,16 +190,19 @@ def main(argv=None):
     meta = {"device": describe(device), "torch": torch.__version__, "commit": commit(),
             "date": time.strftime("%Y-%m-%d"), "warmup": args.warmup, "repeats": args.repeats}
     print(f"{meta['device']}, torch {meta['torch']}, commit {meta['commit']}")
-    results = []
-    for net, n, size, backward in (GPU_CASES if gpu else CPU_CASES):
-        rows = run_case(net, n, size, backward, device, args)
-        results.append({"case": f"{net}, N={n}, {size}x{size}, {'fwd+bwd' if backward else 'fwd'}",
-                        "rows": rows})
-    sweep = []
-    if not args.quick:
-        args.compile = False  # the sweep compares memory and eager speed; compile per size is slow
-        for size in SWEEP[device.type]:
-            sweep.append({"size": size, "rows": run_case("vgg", 1, size, False, device, args)})
+    cases = GPU_CASES if gpu else CPU_CASES
+    results = [{"case": f"{net}, N={n}, {size}x{size}, {'fwd+bwd' if backward else 'fwd'}",
+                "rows": run_case(net, n, size, backward, device, args)}
+               for net, n, size, backward in cases]
+    # the sweep compares memory and eager speed (compiling per size would be slow)
+    sweep = [] if args.quick else [{"size": size, "rows": run_case("vgg", 1, size, False, device,
+                                                                   args)}
+                                   for size in SWEEP[device.type]]
+    # Compiled runs last: on a CPU, compiled code's OpenMP threads kept spinning after it
+    # returned and slowed whatever was timed next (eager official alex 512: 48 -> 62 ms).
+    if args.compile:
+        for result, (net, n, size, backward) in zip(results, cases):
+            result["rows"].update(run_case(net, n, size, backward, device, args, compiled=True))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("".join(c if c.isalnum() else "-" for c in meta["device"]).strip("-")
                        .lower().replace("--", "-"))
