@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import lpips_fast  # noqa: E402
-from common import device_name, median_seconds, style_loglog  # noqa: E402
+from common import device_name, median_seconds, style_loglog, two_panels  # noqa: E402
 
 # (net, N, size, backward): the cases on GPU; smaller ones where only a CPU runs.
 GPU_CASES = [("alex", 32, 64, True), ("alex", 1, 1024, False), ("vgg", 16, 256, True),
@@ -148,14 +148,9 @@ def markdown(results, meta) -> str:
 
 
 def plot(sweep, path: Path, title: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    fig, axes = two_panels()
+    if fig is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in sweep[0]["rows"]:
         pts = [(s["size"], s["rows"][name]) for s in sweep if s["rows"][name].get("ms")]
         axes[0].plot([p for p, _ in pts], [r["ms"] for _, r in pts], "o-", label=name)

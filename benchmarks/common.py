@@ -56,6 +56,18 @@ def median_seconds(fn, device, warmup=2, repeats=None, min_time=0.2, max_reps=50
     return statistics.median(times)
 
 
+def two_panels():
+    """A figure with two side-by-side axes, or (None, None) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None, None
+    return plt.subplots(1, 2, figsize=(11, 4))
+
+
 def style_loglog(axes, xlabel: str, ylabels) -> None:
     """Log-log axes (base-2 sizes), a grid and a legend on each panel."""
     for ax, label in zip(axes, ylabels):

@@ -131,21 +131,16 @@ def main(argv=None):
 
 
 def plot(results, args, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import style_loglog, two_panels
+    fig, axes = two_panels()
+    if fig is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for mode in MODES:
         pts = [(s, results[(mode, s)]) for s in args.sizes if "peak_bytes" in results[(mode, s)]]
         axes[0].plot([s for s, _ in pts], [r["peak_bytes"] / 2**30 for _, r in pts], "o-",
                      label=mode)
         axes[1].plot([s for s, _ in pts], [r["seconds"] for _, r in pts], "o-", label=mode)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import style_loglog
     style_loglog(axes, f"image side (pixels), {args.net}, N=1, forward",
                  ["peak memory (GiB)", "time (s)"])
     fig.suptitle(f"lpips_fast vs official: memory by resolution ({args.device})")
