@@ -76,9 +76,13 @@ print(_ops.head(f, f.flip(0))[0])"
   else
     SUMMARY+=("| bench.py | lpips not installed | 0s |")
   fi
-  step "memory.py: vgg 2048 and 8192 (16 GiB budget)" 300 $PYTHON benchmarks/memory.py --device cuda \
-    --sizes 2048 8192 --budget 16GiB --skip official@8192 plain@8192 streaming@8192 \
-    --out "$RESDIR/$SLUG-memory.md"
+  # Issue 5's targets: vgg 2048 within 1/4 of the official peak (tiled at a 2 GiB budget), and
+  # vgg 8192 (out of memory in the official code) within a 16 GiB budget.
+  step "memory.py: vgg 2048 (2 GiB budget)" 240 $PYTHON benchmarks/memory.py --device cuda \
+    --sizes 2048 --budget 2GiB --skip --out "$RESDIR/$SLUG-memory.md"
+  step "memory.py: vgg 8192 tiled (16 GiB budget)" 240 $PYTHON benchmarks/memory.py --device cuda \
+    --sizes 8192 --budget 16GiB --skip official@8192 plain@8192 streaming@8192 \
+    --out "$RESDIR/$SLUG-memory-8192.md"
   # Real weights: carry a cache folder (LPIPS_FAST_HOME) holding backbones/alex.pt.
   if [ -f "${LPIPS_FAST_HOME:-/nonexistent}/backbones/alex.pt" ]; then
     step "precision.py (alex, real weights)" 180 $PYTHON benchmarks/precision.py --device cuda --nets alex --out "$RESDIR"
@@ -91,7 +95,7 @@ fi
   echo "torch $($PYTHON -c 'import torch; print(torch.__version__)' 2>/dev/null), $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   for f in "$RESDIR/$SLUG-fp32.md" "$RESDIR/$SLUG-fp32-cl.md" "$RESDIR/$SLUG-bf16.md" \
-           "$RESDIR/$SLUG-memory.md"; do
+           "$RESDIR/$SLUG-memory.md" "$RESDIR/$SLUG-memory-8192.md"; do
     [ -f "$f" ] && { cat "$f"; echo; }
   done
   echo "| step | status | time |"
