@@ -10,8 +10,8 @@
 //    accumulators live in small arrays, so the inner loops are unit-stride and vectorize.
 //    The second pass re-reads the block's C x 64 values from cache.
 //  - channels contiguous (channels_last): pixels outer, channels inner; the forward's channel
-//    sums are `omp simd` reductions (2-3x faster than the lanes below, measured), the
-//    backward uses the lanes.
+//    sums are `omp simd` reductions (2-3x faster than the lanes below, measured), and so is
+//    the backward's sum_c G_c f_c.
 //  - anything else: pixels outer, channels inner, with kLanes independent partial sums so the
 //    reduction vectorizes without -ffast-math.
 #include <ATen/Dispatch.h>
@@ -298,26 +298,40 @@ void bwd_block_channels(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
     const A u = upstream(d.gvalue, d.gmap, n, p, d.P);
     const A r0 = d.r0[n * d.P + p], r1 = d.r1[n * d.P + p];
     const A a0 = inv_norm(r0), a1 = inv_norm(r1);
-    A q0[kLanes] = {}, q1[kLanes] = {};
-    for (int64_t c = 0; c < Cv; c += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const A v0 = static_cast<A>(x0[(c + j) * sC0]), v1 = static_cast<A>(x1[(c + j) * sC1]);
-        const A g = grad_n(u, weight_at(d.w, c + j), v0, v1, a0, a1);
-        q0[j] += g * v0;
-        q1[j] += g * v1;
+    A S0 = 0, S1 = 0;  // sum_c G_c f_c for each input
+    if (UNIT) {
+      const A* __restrict__ w = d.w;
+#pragma omp simd reduction(+ : S0, S1)
+      for (int64_t c = 0; c < C; ++c) {
+        const A v0 = static_cast<A>(x0[c]), v1 = static_cast<A>(x1[c]);
+        const A g = grad_n(u, w != nullptr ? w[c] : A(1), v0, v1, a0, a1);
+        S0 += g * v0;
+        S1 += g * v1;
       }
-    for (int64_t c = Cv; c < C; ++c) {
-      const A v0 = static_cast<A>(x0[c * sC0]), v1 = static_cast<A>(x1[c * sC1]);
-      const A g = grad_n(u, weight_at(d.w, c), v0, v1, a0, a1);
-      q0[c - Cv] += g * v0;
-      q1[c - Cv] += g * v1;
+    } else {
+      A q0[kLanes] = {}, q1[kLanes] = {};
+      for (int64_t c = 0; c < Cv; c += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const A v0 = static_cast<A>(x0[(c + j) * sC0]), v1 = static_cast<A>(x1[(c + j) * sC1]);
+          const A g = grad_n(u, weight_at(d.w, c + j), v0, v1, a0, a1);
+          q0[j] += g * v0;
+          q1[j] += g * v1;
+        }
+      for (int64_t c = Cv; c < C; ++c) {
+        const A v0 = static_cast<A>(x0[c * sC0]), v1 = static_cast<A>(x1[c * sC1]);
+        const A g = grad_n(u, weight_at(d.w, c), v0, v1, a0, a1);
+        q0[c - Cv] += g * v0;
+        q1[c - Cv] += g * v1;
+      }
+      S0 = lane_sum(q0);
+      S1 = lane_sum(q1);
     }
     if (wrow != nullptr)
       for (int64_t c = 0; c < C; ++c)
         wrow[c] += u * dist_term(A(1), static_cast<A>(x0[c * sC0]), static_cast<A>(x1[c * sC1]),
                                  a0, a1);
     if (d.g0 == nullptr && d.g1 == nullptr) continue;
-    const A k0 = second_coef(lane_sum(q0), r0, a0), k1 = second_coef(lane_sum(q1), r1, a1);
+    const A k0 = second_coef(S0, r0, a0), k1 = second_coef(S1, r1, a1);
     T* o0 = d.g0 != nullptr ? d.g0 + n * d.gsN0 + p * d.gsP0 : nullptr;
     T* o1 = d.g1 != nullptr ? d.g1 + n * d.gsN1 + p * d.gsP1 : nullptr;
     for (int64_t c = 0; c < C; ++c) {
