@@ -104,7 +104,17 @@ def feature_sizes(net: str, size: int) -> list[int]:
 
 def min_input_size(net: str) -> int:
     """Smallest H (and W) for which every layer of `net` has at least one output pixel."""
-    return next(size for size in range(1, 256) if min(feature_sizes(net, size)) >= 1)
+    return _MIN_SIZE[canonical(net)]
+
+
+def too_small(net: str, height: int, width: int) -> str | None:
+    """Why an H x W image cannot be scored by `net`, or None if it can: the one size rule
+    that the module, pairwise and image loading all report."""
+    smallest = min_input_size(net)
+    if min(height, width) >= smallest:
+        return None
+    return (f"{width} x {height} pixels is too small for net {canonical(net)!r}, which needs "
+            f"at least {smallest} x {smallest}")
 
 
 def canonical(net: str) -> str:
@@ -112,6 +122,12 @@ def canonical(net: str) -> str:
     if name not in NETS:
         raise ValueError(f"net must be one of {sorted(NETS)} (or 'vgg16'), got {net!r}")
     return name
+
+
+# Computed once: every forward checks its input size against it (a plain dict, which
+# torch.compile traces without the warning an lru_cache would bring).
+_MIN_SIZE = {name: next(s for s in range(1, 256) if min(feature_sizes(name, s)) >= 1)
+             for name in NETS}
 
 
 class Backbone(nn.Module):

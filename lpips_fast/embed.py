@@ -32,17 +32,15 @@ def sqrt_weights(model) -> list[torch.Tensor | None]:
     """
     if not model.lpips:
         return [None] * model.L
-    out = []
-    for k, lin in enumerate(model.lins):
-        w = lin.weight
-        if bool((w < 0).any()):
-            raise ValueError(
-                f"lin{k} has negative channel weights (min {w.min().item():.4g}): LPIPS with "
-                "negative weights is not a distance between embeddings, so embed/pairwise "
-                "cannot compute it. Every released weight set is >= 0; use the forward pass "
-                "for these weights.")
-        out.append(w.reshape(1, -1, 1, 1).sqrt())
-    return out
+    weights = [lin.weight for lin in model.lins]
+    if bool(torch.cat([w.flatten() for w in weights]).lt(0).any()):  # one host sync, not L
+        k = next(k for k, w in enumerate(weights) if bool((w < 0).any()))
+        raise ValueError(
+            f"lin{k} has negative channel weights (min {weights[k].min().item():.4g}): LPIPS "
+            "with negative weights is not a distance between embeddings, so embed/pairwise "
+            "cannot compute it. Every released weight set is >= 0; use the forward pass "
+            "for these weights.")
+    return [w.reshape(1, -1, 1, 1).sqrt() for w in weights]
 
 
 @dataclass

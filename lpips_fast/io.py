@@ -138,11 +138,10 @@ def to_tensor(img) -> torch.Tensor:
 
 def check_min_size(path, size: tuple[int, int], net: str) -> None:
     """Raise an ImageError if (H, W) is below what `net` can score."""
-    from .backbones import canonical, min_input_size
-    smallest = min_input_size(net)
-    if min(size) < smallest:
-        raise ImageError(f"{path}: {size[1]} x {size[0]} pixels is too small for net "
-                         f"{canonical(net)!r}, which needs at least {smallest} x {smallest}")
+    from .backbones import too_small
+    problem = too_small(net, *size)
+    if problem:
+        raise ImageError(f"{path}: {problem}")
 
 
 def target_size(size0, size1, policy: str):

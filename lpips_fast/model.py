@@ -8,7 +8,7 @@ from torch import nn
 
 from . import reference
 from . import tiling
-from .backbones import Backbone, canonical, feature_sizes, min_input_size
+from .backbones import Backbone, canonical, feature_sizes, too_small
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
@@ -303,10 +303,9 @@ class LPIPS(nn.Module):
         if in0.shape[0] != in1.shape[0] and 1 not in (in0.shape[0], in1.shape[0]):
             raise ValueError(f"batch sizes {in0.shape[0]} and {in1.shape[0]} do not broadcast "
                              "(they must be equal, or one of them 1)")
-        smallest = min_input_size(self.pnet_type)
-        if min(in0.shape[2:]) < smallest:
-            raise ValueError(f"images of {tuple(in0.shape[2:])} pixels are too small for net "
-                             f"{self.pnet_type!r}: it needs at least {smallest} x {smallest}")
+        problem = too_small(self.pnet_type, *in0.shape[2:])
+        if problem:
+            raise ValueError(f"in0 and in1: {problem}")
 
 
 _cache: dict = {}

@@ -152,11 +152,10 @@ def _resolve_model(model, net, version, device):
 
 
 def _check_size(model, size, name):
-    from .backbones import min_input_size
-    smallest = min_input_size(model.pnet_type)
-    if min(size) < smallest:
-        raise ValueError(f"{name}: images of {size[0]}x{size[1]} pixels are too small for net "
-                         f"{model.pnet_type!r}: it needs at least {smallest} x {smallest}")
+    from .backbones import too_small
+    problem = too_small(model.pnet_type, *size)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
 
 
 def auto_block(model, size, budget_bytes: float = 256 * 2**20) -> int:
