@@ -132,8 +132,8 @@ def markdown(results, meta) -> str:
                    key=lambda k: ["official", "official+compile", "lpips_fast"].index(k)
                    if k in ("official", "official+compile", "lpips_fast") else 9)
     header = "| case | " + " | ".join(f"{k} ms" for k in names) + \
-             " | vs official | vs compile | peak MiB (official / fast) |"
-    lines += [header, "|" + "---|" * (len(names) + 4)]
+             " | vs official | vs compile | bf16 vs compile | peak MiB (official / fast) |"
+    lines += [header, "|" + "---|" * (len(names) + 5)]
     for r in results:
         rows = r["rows"]
         cells = [f"{rows[k]['ms']:.3f}" if rows.get(k, {}).get("ms") else
@@ -143,7 +143,8 @@ def markdown(results, meta) -> str:
         fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         lines.append(f"| {r['case']} | " + " | ".join(cells) +
                      f" | {fmt(ratio(rows, 'official', 'lpips_fast'))} | "
-                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast'))} | {peak} |")
+                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast'))} | "
+                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast bf16'))} | {peak} |")
     return "\n".join(lines) + "\n"
 
 

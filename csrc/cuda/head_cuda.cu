@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -423,10 +424,20 @@ constexpr int regs_per_thread() {
   return std::is_same<A, double>::value ? 16 : 32;
 }
 
+// Tuning knob for benchmarks (benchmarks/gpu_tune.py), read per launch like the NaN-fill flag:
+// LPIPS_FAST_CUDA_WARPS=N makes channel-lane blocks N warps and pixel-lane blocks at least N.
+// Unset (0): the defaults below. It changes the block partition, so results may differ in
+// the last bits from the default's (still deterministic for a fixed setting).
+inline int warps_override() {
+  const char* v = std::getenv("LPIPS_FAST_CUDA_WARPS");
+  return v == nullptr ? 0 : std::max(0, std::min(kMaxWarps, std::atoi(v)));
+}
+
 // Warps per block for a group of layers: enough warps for the pixel-lane layers to keep
 // every channel in registers (up to kMaxWarps); 8 when only channel-lane layers.
 template <typename Desc>
 int warps_for(const std::vector<Desc>& g, int R) {
+  const int forced = warps_override();
   int64_t maxc = 0;
   bool any_pl = false;
   for (const auto& d : g)
@@ -434,8 +445,9 @@ int warps_for(const std::vector<Desc>& g, int R) {
       any_pl = true;
       maxc = std::max(maxc, d.C);
     }
-  if (!any_pl) return 8;
-  return (int)std::min<int64_t>(kMaxWarps, std::max<int64_t>(1, (maxc + R - 1) / R));
+  if (!any_pl) return forced > 0 ? forced : 8;
+  const int64_t need = std::max<int64_t>(std::max(forced, 1), (maxc + R - 1) / R);
+  return (int)std::min<int64_t>(kMaxWarps, need);
 }
 
 // Block partition: depends on the shapes (and the warps, derived from shapes) only.
