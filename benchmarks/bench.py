@@ -64,7 +64,12 @@ def implementations(net: str, device, compiled: bool, precisions):
     ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False).to(device)
     state = ours.state_dict()
     if compiled:
-        return {"official+compile": torch.compile(official_model(net, state, device))}
+        # A fresh compile per case with static shapes: reusing dynamo's cache across cases
+        # made it recompile with dynamic shapes, which crashed inductor on squeeze (torch 2.11)
+        # and would time a shape-generic kernel instead of the best static one.
+        torch._dynamo.reset()
+        return {"official+compile": torch.compile(official_model(net, state, device),
+                                                  dynamic=False)}
     impls = {"official": official_model(net, state, device), "lpips_fast": ours}
     for p in precisions:
         m = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, precision=p).to(device)
