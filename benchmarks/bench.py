@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import lpips_fast  # noqa: E402
-from common import device_name, median_seconds, style_loglog, two_panels  # noqa: E402
+from common import device_name, median_seconds, style_loglog, two_panels, warm_gpu  # noqa: E402
 
 # (net, N, size, backward): the cases on GPU; smaller ones where only a CPU runs.
 GPU_CASES = [("alex", 32, 64, True), ("alex", 1, 1024, False), ("vgg", 16, 256, True),
@@ -99,7 +99,7 @@ def measure(step, device, warmup: int, repeats: int):
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    seconds = median_seconds(step, device, max(warmup - 1, 0), repeats)
+    seconds = median_seconds(step, device, max(warmup - 1, 0), repeats, min_time=0.3)
     return seconds, torch.cuda.max_memory_allocated(device) - base
 
 
@@ -131,7 +131,7 @@ def ratio(rows, a, b):
 def markdown(results, meta) -> str:
     lines = [f"# LPIPS benchmark on {meta['device']}", "",
              f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, medians of "
-             f"{meta['repeats']} runs after {meta['warmup']} warm-up runs. Ratios > 1 mean "
+             f"at least {meta['repeats']} runs (and 0.3 s) after {meta['warmup']} warm-up runs. Ratios > 1 mean "
              "lpips_fast (fp32) is faster.", ""]
     names = sorted({k for r in results for k in r["rows"]},
                    key=lambda k: ["official", "official+compile", "lpips_fast"].index(k)
@@ -192,6 +192,7 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d"), "warmup": args.warmup, "repeats": args.repeats}
     print(f"{meta['device']}, torch {meta['torch']}, commit {meta['commit']}")
     cases = GPU_CASES if gpu else CPU_CASES
+    warm_gpu(device)
     results = [{"case": f"{net}, N={n}, {size}x{size}, {'fwd+bwd' if backward else 'fwd'}",
                 "rows": run_case(net, n, size, backward, device, args)}
                for net, n, size, backward in cases]

@@ -118,6 +118,13 @@ if [ $BUILD_RC -eq 0 ]; then
     --channels-last --quick --out "$RESDIR/$SLUG-head-fp32-cl.md"
   step bench-head-bf16 90 $PYTHON benchmarks/bench_head.py --device cuda --sizes 512 \
     --dtype bfloat16 --quick --out "$RESDIR/$SLUG-head-bf16.md"
+  # The large cases of the bandwidth target: vgg 2048 (1 GiB per L1 feature map), each layout.
+  step bench-head-2048 120 $PYTHON benchmarks/bench_head.py --device cuda --nets vgg \
+    --sizes 2048 --quick --out "$RESDIR/$SLUG-head-2048.md"
+  step bench-head-2048-cl 120 $PYTHON benchmarks/bench_head.py --device cuda --nets vgg \
+    --sizes 2048 --channels-last --quick --out "$RESDIR/$SLUG-head-2048-cl.md"
+  step bench-head-2048-cl-bf16 120 $PYTHON benchmarks/bench_head.py --device cuda --nets vgg \
+    --sizes 2048 --channels-last --dtype bfloat16 --quick --out "$RESDIR/$SLUG-head-2048-cl-bf16.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
     step tune 180 $PYTHON benchmarks/gpu_tune.py --out "$RESDIR/$SLUG-tune.md"

@@ -3,10 +3,11 @@
 
 Each section times variants of one choice on the same inputs and weights:
   A. training loss (fwd+bwd w.r.t. in0): default vs channels_last=False, cudnn.benchmark,
-     CUDA-graph replay (lpips_fast.cuda_graphed); the official eager module as the baseline;
+     CUDA-graph replay (lpips_fast.cuda_graphed), one backbone pass for the pair
+     (BATCH_PASSES_MAX_PIXELS); the official eager module as the baseline;
   B. scoring (fwd, no grad) at high resolution: channels_last and precision;
   C. ONE_LAUNCH_MAX_PIXELS: the all-layer head (one launch) vs streaming per layer, by size;
-  D. warps per block of the head kernels (LPIPS_FAST_CUDA_WARPS), head alone, fwd+bwd;
+  D. the head kernels' knobs (LPIPS_FAST_CUDA_WARPS, LPIPS_FAST_CUDA_CL_PIXELS), head alone;
   E. where the time goes: profiler split of the default step into backbone and head kernels;
   F. what TF32 (PyTorch's default for cuDNN convolutions) does to parity with the official code.
 
@@ -30,8 +31,8 @@ import lpips_fast  # noqa: E402
 from lpips_fast import _ops  # noqa: E402
 from lpips_fast import model as M  # noqa: E402
 from bench import official_model  # noqa: E402
-from bench_head import alex_shapes, make, vgg_shapes  # noqa: E402
-from common import device_name, median_seconds  # noqa: E402
+from bench_head import alex_shapes, vgg_shapes  # noqa: E402
+from common import device_name, median_seconds, warm_gpu  # noqa: E402
 
 DEV = torch.device("cuda")
 REPS = dict(warmup=3, repeats=15)
@@ -88,6 +89,12 @@ def section_train(net, n, size):
     rows["cuda_graphed"] = ms(graphed_step(default, x0, x1))
     with cudnn_benchmark(True):
         rows["cuda_graphed + cudnn.benchmark"] = ms(graphed_step(ours(net), x0, x1))
+    old = M.BATCH_PASSES_MAX_PIXELS
+    M.BATCH_PASSES_MAX_PIXELS = 10**12
+    try:
+        rows["one backbone pass for the pair"] = ms(train_step(default, x0, x1))
+    finally:
+        M.BATCH_PASSES_MAX_PIXELS = old
     rows["bf16"] = ms(train_step(ours(net, precision="bf16"), x0, x1))
     return f"A. {net}, N={n}, {size}x{size}, fwd+bwd", rows, "official eager"
 
@@ -130,22 +137,38 @@ def section_one_launch(net, n, sizes):
     return f"C. ONE_LAUNCH_MAX_PIXELS ({old}): {net}, N={n}, fwd no grad (ms, peak MiB)", rows, None
 
 
-def section_warps(label, shapes, n, channels_last):
-    gen = torch.Generator().manual_seed(0)
-    f0s = [make(n, c, h, h, DEV, torch.float32, channels_last, gen).requires_grad_() for c, h in shapes]
-    f1s = [make(n, c, h, h, DEV, torch.float32, channels_last, gen) for c, h in shapes]
-    ws = [torch.rand(1, c, 1, 1, generator=gen).to(DEV) for c, _ in shapes]
+def section_knob(label, shapes, n, channels_last, env, settings, backward=True):
+    """The head alone (all layers in one op) under each setting of a tuning knob."""
+    gen = torch.Generator(device=DEV).manual_seed(0)  # on the GPU: 4 GB of inputs at 2048
+
+    def make(c, h):
+        x = torch.randn(n, c, h, h, device=DEV, generator=gen).relu()
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    f0s = [make(c, h).requires_grad_() for c, h in shapes]
+    f1s = [make(c, h) for c, h in shapes]
+    ws = [torch.rand(1, c, 1, 1, device=DEV, generator=gen) for c, _ in shapes]
 
     def step():
-        v, _ = _ops.head_all(f0s, f1s, ws)
-        torch.autograd.grad(v.sum(), f0s)
+        if backward:
+            v, _ = _ops.head_all(f0s, f1s, ws)
+            torch.autograd.grad(v.sum(), f0s)
+        else:
+            with torch.no_grad():
+                _ops.head_all(f0s, f1s, ws)
     rows = {}
-    for w in ("", "2", "4", "8", "16"):
-        os.environ["LPIPS_FAST_CUDA_WARPS"] = w
-        rows[f"warps {w or 'default'}"] = ms(step)
-    os.environ.pop("LPIPS_FAST_CUDA_WARPS", None)
+    try:
+        for value in settings:
+            os.environ[env] = value
+            rows[f"{env}={value or 'default'}"] = ms(step)
+    finally:
+        os.environ.pop(env, None)
     layout = "channels_last" if channels_last else "NCHW"
-    return f"D. head alone fwd+bwd, {label}, N={n}, {layout}", rows, "warps default"
+    what = "fwd+bwd" if backward else "fwd"
+    return f"D. head alone {what}, {label}, N={n}, {layout}", rows, f"{env}=default"
+
+
+WARPS, WARP_SET = "LPIPS_FAST_CUDA_WARPS", ("", "4", "8", "16")
+PIXELS, PIX_SET = "LPIPS_FAST_CUDA_CL_PIXELS", ("", "2", "8")
 
 
 HEAD_KERNELS = ("fwd_kernel", "bwd_kernel", "value_reduce_kernel", "wgrad")
@@ -231,6 +254,7 @@ def main(argv=None):
             f"{torch.version.cuda}), {time.strftime('%Y-%m-%d')}\n\nMedians of {REPS['repeats']} "
             f"runs after {REPS['warmup']} warm-up runs; ratios > 1: faster than the base row.\n")
     parts = [head]
+    warm_gpu(DEV)
     sections = [
         lambda: section_train("alex", 32, 64),
         lambda: section_train("vgg", 16, 256),
@@ -238,10 +262,16 @@ def main(argv=None):
         lambda: section_score("alex", 1024),
         lambda: section_one_launch("alex", 8, [128, 256, 384, 512]),
         lambda: section_one_launch("vgg", 8, [128, 256, 384]),
-        lambda: section_warps("alex 64x64 layers", alex_shapes(64), 32, False),
-        lambda: section_warps("alex 64x64 layers", alex_shapes(64), 32, True),
-        lambda: section_warps("vgg 512x512 layers", vgg_shapes(512), 1, False),
-        lambda: section_warps("vgg 512x512 layers", vgg_shapes(512), 1, True),
+        lambda: section_knob("alex 64x64 layers", alex_shapes(64), 32, False, WARPS, WARP_SET),
+        lambda: section_knob("alex 64x64 layers", alex_shapes(64), 32, True, WARPS, WARP_SET),
+        lambda: section_knob("vgg 2048x2048 layers", vgg_shapes(2048), 1, False, WARPS, WARP_SET,
+                             backward=False),
+        lambda: section_knob("vgg 2048x2048 layers", vgg_shapes(2048), 1, True, WARPS, WARP_SET,
+                             backward=False),
+        lambda: section_knob("vgg 2048x2048 layers", vgg_shapes(2048), 1, True, PIXELS, PIX_SET,
+                             backward=False),
+        lambda: section_knob("vgg 512x512 layers", vgg_shapes(512), 2, True, PIXELS, PIX_SET),
+        lambda: section_knob("alex 64x64 layers", alex_shapes(64), 32, True, PIXELS, PIX_SET),
         lambda: section_profile("alex", 32, 64, True),
         lambda: section_profile("vgg", 1, 2048, False),
         section_tf32,

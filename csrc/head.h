@@ -54,7 +54,8 @@ struct LayerDesc {
   int64_t gsN1, gsC1, gsP1;
   A* wpartial;      // per-block, per-channel partial sums of the weight gradient, or nullptr
   A* gw;            // C weight gradients (CUDA: written by the final reduction), or nullptr
-  int64_t wchunks;  // CUDA: pixel chunks of the weight-gradient kernel
+  int64_t wchunks;  // CUDA: chunks of flattened (n, p) of the weight-gradient kernel
+  int64_t wchunk;   // CUDA: elements per chunk
   // work decomposition (fixed by shapes only, so the result is independent of thread counts)
   int64_t nblocks;  // blocks per sample
   int64_t pix_per_block;

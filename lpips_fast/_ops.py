@@ -60,10 +60,13 @@ def _broadcast(f0: torch.Tensor, f1: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return f0, f1
 
 
-if _loaded:
+def register(ns: str = "lpips_fast") -> None:
+    """Fake kernels and autograd of the ops in torch.ops.<ns>: the extension's own, or the
+    tests' CPU emulation of the CUDA kernels (lpips_fast_emu, tests/emu.py)."""
+    ops = getattr(torch.ops, ns)
 
     # ----------------------------------------------------------------- fake kernels
-    @torch.library.register_fake("lpips_fast::head_forward")
+    @torch.library.register_fake(f"{ns}::head_forward")
     def _head_forward_fake(f0, f1, weight, return_map):
         torch._check(f0.dim() == 4 and f1.dim() == 4, lambda: "features must be 4-D")
         n, _, h, w = f0.shape
@@ -72,13 +75,13 @@ if _loaded:
         dmap = f0.new_empty((n, 1, h, w) if return_map else (0,), dtype=acc)
         return value, dmap, f0.new_empty((n, h * w), dtype=acc), f0.new_empty((n, h * w), dtype=acc)
 
-    @torch.library.register_fake("lpips_fast::head_backward")
+    @torch.library.register_fake(f"{ns}::head_backward")
     def _head_backward_fake(grad_value, grad_map, f0, f1, weight, r0, r1, output_mask):
         gw_wanted = output_mask[2] and weight is not None
         gw = f0.new_empty((f0.shape[1],) if gw_wanted else (0,), dtype=_acc_dtype(f0.dtype))
         return _grad_like(f0, output_mask[0]), _grad_like(f1, output_mask[1]), gw
 
-    @torch.library.register_fake("lpips_fast::head_all_forward")
+    @torch.library.register_fake(f"{ns}::head_all_forward")
     def _head_all_forward_fake(f0s, f1s, weights, return_map):
         acc = _acc_dtype(f0s[0].dtype)
         n = f0s[0].shape[0]
@@ -91,7 +94,7 @@ if _loaded:
             r1s.append(f.new_empty((n, h * w), dtype=acc))
         return values, dmaps, r0s, r1s
 
-    @torch.library.register_fake("lpips_fast::head_all_backward")
+    @torch.library.register_fake(f"{ns}::head_all_backward")
     def _head_all_backward_fake(grad_values, grad_maps, f0s, f1s, weights, r0s, r1s,
                                 output_mask):
         acc = _acc_dtype(f0s[0].dtype)
@@ -119,12 +122,12 @@ if _loaded:
             grad_value = r0.new_zeros(f0.shape[0])
         if not ctx.return_map or grad_map is None or grad_map.numel() == 0:
             grad_map = None
-        g0, g1, gw = torch.ops.lpips_fast.head_backward(
+        g0, g1, gw = ops.head_backward(
             grad_value, grad_map, f0, f1, weight, r0, r1, mask)
         return (g0 if mask[0] else None, g1 if mask[1] else None,
                 gw.reshape(weight.shape).to(weight.dtype) if mask[2] else None, None)
 
-    torch.library.register_autograd("lpips_fast::head_forward", _backward_single,
+    torch.library.register_autograd(f"{ns}::head_forward", _backward_single,
                                     setup_context=_setup_single)
 
     def _setup_all(ctx, inputs, output):
@@ -152,7 +155,7 @@ if _loaded:
         for i in range(nl):
             g = grad_maps[i] if (ctx.return_map and grad_maps is not None) else None
             gmaps.append(g if g is not None and g.numel() > 0 else None)
-        g0s, g1s, gws = torch.ops.lpips_fast.head_all_backward(
+        g0s, g1s, gws = ops.head_all_backward(
             grad_values, gmaps, f0s, f1s, weights, r0s, r1s, mask)
         gw_out = nones
         if mask[2]:
@@ -160,35 +163,50 @@ if _loaded:
                       for gw, w in zip(gws, weights)]
         return (list(g0s) if mask[0] else nones, list(g1s) if mask[1] else nones, gw_out, None)
 
-    torch.library.register_autograd("lpips_fast::head_all_forward", _backward_all,
+    torch.library.register_autograd(f"{ns}::head_all_forward", _backward_all,
                                     setup_context=_setup_all)
 
 
 # --------------------------------------------------------------------- public wrappers
-def head(f0: torch.Tensor, f1: torch.Tensor, weight: Optional[torch.Tensor] = None,
-         return_map: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fused head of one layer: same contract as ``lpips_fast.reference.head``.
+class Ops:
+    """The wrappers over one op namespace (the extension's, or the tests' emulation)."""
 
-    Returns (value of shape N, N x 1 x h x w map or None); float32 (float64 for float64
-    inputs). f0 and f1 broadcast over a batch of 1. Differentiable w.r.t. f0, f1, weight.
-    """
-    f0, f1 = _broadcast(f0, f1)
-    value, dmap, _, _ = torch.ops.lpips_fast.head_forward(f0, f1, weight, return_map)
-    return value, (dmap if return_map else None)
+    def __init__(self, ns: str = "lpips_fast"):
+        self.ns = ns
+
+    def head(self, f0: torch.Tensor, f1: torch.Tensor, weight: Optional[torch.Tensor] = None,
+             return_map: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Fused head of one layer: same contract as ``lpips_fast.reference.head``.
+
+        Returns (value of shape N, N x 1 x h x w map or None); float32 (float64 for float64
+        inputs). f0 and f1 broadcast over a batch of 1. Differentiable w.r.t. f0, f1, weight.
+        """
+        f0, f1 = _broadcast(f0, f1)
+        ops = getattr(torch.ops, self.ns)
+        value, dmap, _, _ = ops.head_forward(f0, f1, weight, return_map)
+        return value, (dmap if return_map else None)
+
+    def head_all(self, f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
+                 weights: Sequence[Optional[torch.Tensor]], return_map: bool = False
+                 ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+        """All layers of one call in one op (one launch on CUDA).
+
+        Returns (values of shape L x N, list of N x 1 x h x w maps or None). All layers must
+        share dtype, device and batch size (after broadcasting a batch of 1).
+        """
+        pairs = [_broadcast(a, b) for a, b in zip(f0s, f1s)]
+        f0s = [p[0] for p in pairs]
+        f1s = [p[1] for p in pairs]
+        ws = [f.new_empty(0, dtype=_acc_dtype(f.dtype)) if w is None else w
+              for f, w in zip(f0s, weights)]
+        ops = getattr(torch.ops, self.ns)
+        values, dmaps, _, _ = ops.head_all_forward(f0s, f1s, ws, return_map)
+        return values, (list(dmaps) if return_map else None)
 
 
-def head_all(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
-             weights: Sequence[Optional[torch.Tensor]], return_map: bool = False
-             ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
-    """All layers of one call in one op (one launch on CUDA).
+if _loaded:
+    register("lpips_fast")
 
-    Returns (values of shape L x N, list of N x 1 x h x w maps or None). All layers must share
-    dtype, device and batch size (after broadcasting a batch of 1).
-    """
-    pairs = [_broadcast(a, b) for a, b in zip(f0s, f1s)]
-    f0s = [p[0] for p in pairs]
-    f1s = [p[1] for p in pairs]
-    ws = [f.new_empty(0, dtype=_acc_dtype(f.dtype)) if w is None else w
-          for f, w in zip(f0s, weights)]
-    values, dmaps, _, _ = torch.ops.lpips_fast.head_all_forward(f0s, f1s, ws, return_map)
-    return values, (list(dmaps) if return_map else None)
+_default = Ops("lpips_fast")
+head = _default.head
+head_all = _default.head_all

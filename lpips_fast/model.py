@@ -16,6 +16,11 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Inputs up to this many pixels per image take the all-layer head (one launch) even without
 # autograd: their features are small, so keeping all layers alive costs little memory.
 ONE_LAUNCH_MAX_PIXELS = 256 * 256
+# Inputs up to this many pixels per image run the pair through the backbone as one batch even
+# when only one of them needs gradients (a training loss: fewer, larger launches, at the price
+# of input gradients for both halves); larger ones take one pass per input, as upstream does.
+# 0 until measured on a GPU (benchmarks/gpu_tune.py, section A).
+BATCH_PASSES_MAX_PIXELS = 0
 
 
 class ScalingLayer(nn.Module):
@@ -182,6 +187,12 @@ class LPIPS(nn.Module):
             f0s, f1s = zip(*self._features(in0, in1))
             weights = [lin.weight for lin in self.lins] if self.lpips else [None] * self.L
             values, maps = self._head_all(f0s, f1s, weights, return_map=out_size is not None)
+            if out_size is None and not retPerLayer and values.dtype == torch.float32:
+                # One launch instead of L - 1 adds. In float64 the sum of L float32 values is
+                # exact (unless they span over 2^27), so the result does not depend on the
+                # reduction order, which torch picks by batch size: a sample scores the same
+                # in any batch.
+                return values.sum(0, dtype=torch.float64).view(-1, 1, 1, 1).to(in0.dtype)
             heads = list(zip(values, maps or [None] * self.L))
         else:  # streaming: each layer's head runs before the next slice
             heads = [self._layer(k, f0, f1, out_size is not None)
@@ -211,8 +222,10 @@ class LPIPS(nn.Module):
 
     def _features(self, in0, in1):
         """Yield (f0, f1) per layer: one backbone pass over the pair when both inputs need
-        the same gradient mode (fewer, larger convolutions), two passes in step otherwise."""
-        if in0.requires_grad != in1.requires_grad:
+        the same gradient mode or are small (BATCH_PASSES_MAX_PIXELS), two passes in step
+        otherwise (upstream's cost: no input gradient for the input that needs none)."""
+        if in0.requires_grad != in1.requires_grad and \
+                in0.shape[2] * in0.shape[3] > BATCH_PASSES_MAX_PIXELS:
             yield from zip(self.features(in0), self.features(in1))
             return
         n0 = in0.shape[0]

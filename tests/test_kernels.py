@@ -22,13 +22,29 @@ import torch
 
 from lpips_fast import _ops
 from lpips_fast import reference as R
+from emu import emu_error, emu_ops
 
 HAS_CUDA = torch.cuda.is_available()
 needs_ext = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
 pytestmark = needs_ext
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+# "emu": the CUDA kernels and their host code, executed on the CPU by csrc/emu (tests/emu.py),
+# on CPU tensors; it runs everywhere, CI included.
+DEVICES = ["cpu", "emu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not HAS_CUDA, reason="no CUDA device")])]
+
+
+def tdev(device):
+    """Where a test's tensors live: the emulation runs on CPU tensors."""
+    return "cpu" if device == "emu" else device
+
+
+def ops(device):
+    """The op wrappers under test on `device`."""
+    if device != "emu":
+        return _ops
+    assert emu_ops is not None, f"the CUDA emulation did not build: {emu_error}"
+    return emu_ops
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +65,7 @@ def feats(shape, dtype=torch.float32, device="cpu", layout="nchw", seed=0, gen_s
     """ReLU'ed randn (some exact zeros, like real features), made in float64 then cast."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(gen_shape or shape, generator=g, dtype=torch.float64).relu()
-    x = x.to(dtype=dtype, device=device)
+    x = x.to(dtype=dtype, device=tdev(device))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "transposed":  # spatial dims not mergeable: exercises the copy fallback
@@ -72,7 +88,7 @@ def make_pair(shape, dtype, device, layout, seed=0):
 
 def make_weight(c, device, dtype=torch.float32, seed=7):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(1, c, 1, 1, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    return torch.rand(1, c, 1, 1, generator=g, dtype=torch.float64).to(dtype=dtype, device=tdev(device))
 
 
 def ref64(f0, f1, w, return_map=True):
@@ -111,14 +127,14 @@ LAYOUTS = ["nchw", "channels_last", "expand0", "expand1", "expand0_cl", "transpo
 def test_forward_matches_reference(device, dtype, layout, shape, weighted):
     f0, f1 = make_pair(shape, dtype, device, layout)
     w = make_weight(shape[1], device, dtype) if weighted else None
-    value, dmap = _ops.head(f0, f1, w, return_map=True)
+    value, dmap = ops(device).head(f0, f1, w, return_map=True)
     v_ref, d_ref = ref64(f0, f1, w)
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert value.shape == (shape[0],) and dmap.shape == (shape[0], 1) + tuple(shape[2:])
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
     assert_close_rel(value, v_ref, rtol, 0.0, "value")
     assert_close_rel(dmap, d_ref, rtol * 10, rtol, "map")
-    v2, none = _ops.head(f0, f1, w, return_map=False)
+    v2, none = ops(device).head(f0, f1, w, return_map=False)
     assert none is None
     assert torch.equal(v2, value)  # the map does not change the value, bit for bit
 
@@ -137,7 +153,7 @@ def test_near_identical_inputs(device, layout):
     if layout == "channels_last":
         f0_32 = f0_32.contiguous(memory_format=torch.channels_last)
         f1_32 = f1_32.contiguous(memory_format=torch.channels_last)
-    value, _ = _ops.head(f0_32.to(device), f1_32.to(device), w.float().to(device))
+    value, _ = ops(device).head(f0_32.to(tdev(device)), f1_32.to(tdev(device)), w.float().to(tdev(device)))
     rel = ((value.double().cpu() - v_ref).abs() / v_ref.abs()).max().item()
     assert rel < 1e-5, rel
 
@@ -162,7 +178,7 @@ def test_low_precision(device, dtype, layout):
     w = make_weight(shape[1], device, torch.float32)
     f0 = f0.detach().requires_grad_()
     f1 = f1.detach().requires_grad_()
-    value, dmap = _ops.head(f0, f1, w, return_map=True)
+    value, dmap = ops(device).head(f0, f1, w, return_map=True)
     assert value.dtype == torch.float32 and dmap.dtype == torch.float32
     # float64 reference on the same rounded inputs, with gradients
     r0 = f0.detach().double().cpu().requires_grad_()
@@ -184,9 +200,9 @@ def test_low_precision(device, dtype, layout):
     check(value, v_pt, v_ref, "value")
     check(dmap, d_pt, d_ref, "map")
     gv = torch.randn(shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    g0, g1 = torch.autograd.grad((value * gv.to(device).float()).sum(), [f0, f1])
+    g0, g1 = torch.autograd.grad((value * gv.to(tdev(device)).float()).sum(), [f0, f1])
     q0, q1 = torch.autograd.grad((v_ref * gv).sum(), [r0, r1])
-    t0, t1 = torch.autograd.grad((v_pt * gv.to(device).to(dtype)).sum(), [p0, p1])
+    t0, t1 = torch.autograd.grad((v_pt * gv.to(tdev(device)).to(dtype)).sum(), [p0, p1])
     assert g0.dtype == dtype and g1.dtype == dtype
     check(g0, t0, q0, "grad f0")
     check(g1, t1, q1, "grad f1")
@@ -209,8 +225,8 @@ def test_backward_matches_reference(device, dtype, layout, shape, weighted):
     g = torch.Generator().manual_seed(9)
     gv = torch.randn(shape[0], generator=g, dtype=torch.float64)
     gm = torch.randn((shape[0], 1) + tuple(shape[2:]), generator=g, dtype=torch.float64)
-    value, dmap = _ops.head(f0, f1, w, return_map=True)
-    loss = (value * gv.to(device, value.dtype)).sum() + (dmap * gm.to(device, dmap.dtype)).sum()
+    value, dmap = ops(device).head(f0, f1, w, return_map=True)
+    loss = (value * gv.to(tdev(device), value.dtype)).sum() + (dmap * gm.to(tdev(device), dmap.dtype)).sum()
     inputs = [f0, f1] + ([w] if weighted else [])
     grads = torch.autograd.grad(loss, inputs)
     r_in = [x.detach().double().cpu().requires_grad_() for x in inputs]
@@ -231,13 +247,13 @@ def test_zero_vector_gradient_is_finite(device, layout):
     f1 = f1 + 0.1  # no zero vector in f1
     f0[1, :, 2, 3] = 0  # one zero vector in f0
     w = make_weight(shape[1], "cpu", torch.float64)
-    x0 = f0.to(device)
-    x1 = f1.to(device)
+    x0 = f0.to(tdev(device))
+    x1 = f1.to(tdev(device))
     if layout == "channels_last":
         x0 = x0.contiguous(memory_format=torch.channels_last)
         x1 = x1.contiguous(memory_format=torch.channels_last)
     x0.requires_grad_()
-    value, _ = _ops.head(x0, x1, w.to(device))
+    value, _ = ops(device).head(x0, x1, w.to(tdev(device)))
     (g0,) = torch.autograd.grad(value.sum(), [x0])
     g0 = g0.cpu()
     assert torch.isfinite(g0).all()
@@ -267,7 +283,7 @@ def test_gradcheck_float64(device, layout, weighted):
         args.append(make_weight(shape[1], device, torch.float64).requires_grad_())
 
     def fn(*a):
-        v, d = _ops.head(a[0], a[1], a[2] if weighted else None, return_map=True)
+        v, d = ops(device).head(a[0], a[1], a[2] if weighted else None, return_map=True)
         return v, d
 
     assert torch.autograd.gradcheck(fn, tuple(args), eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -281,7 +297,7 @@ def test_gradcheck_head_all_float64(device):
     w0 = make_weight(4, device, torch.float64).requires_grad_()
 
     def fn(a0, a1, b0, b1, wt):
-        values, maps = _ops.head_all([a0, a1], [b0, b1], [wt, None], return_map=True)
+        values, maps = ops(device).head_all([a0, a1], [b0, b1], [wt, None], return_map=True)
         return values, maps[0], maps[1]
 
     assert torch.autograd.gradcheck(fn, (f0s[0], f0s[1], f1s[0], f1s[1], w0), eps=1e-6,
@@ -303,13 +319,13 @@ def test_head_all_matches_reference(device, weighted):
         f0s.append(a.detach().requires_grad_())
         f1s.append(b.detach().requires_grad_())
         ws.append(make_weight(c, device).requires_grad_() if (weighted and i != 5) else None)
-    values, maps = _ops.head_all(f0s, f1s, ws, return_map=True)
+    values, maps = ops(device).head_all(f0s, f1s, ws, return_map=True)
     assert values.shape == (len(specs), n) and len(maps) == len(specs)
     g = torch.Generator().manual_seed(3)
     gv = torch.randn(values.shape, generator=g, dtype=torch.float64)
     gms = [torch.randn(m.shape, generator=g, dtype=torch.float64) for m in maps]
-    loss = (values * gv.to(device).float()).sum() + sum(
-        (m * gm.to(device).float()).sum() for m, gm in zip(maps, gms))
+    loss = (values * gv.to(tdev(device)).float()).sum() + sum(
+        (m * gm.to(tdev(device)).float()).sum() for m, gm in zip(maps, gms))
     wl = [w for w in ws if w is not None]
     grads = torch.autograd.grad(loss, f0s + f1s + wl)
     r0s = [x.detach().double().cpu().requires_grad_() for x in f0s]
@@ -326,14 +342,14 @@ def test_head_all_matches_reference(device, weighted):
         assert_close_rel(a, b, 1e-4, 1e-5, f"grad {k}")
     # the single-layer op agrees
     for i in range(len(specs)):
-        v1, _ = _ops.head(f0s[i], f1s[i], ws[i])
+        v1, _ = ops(device).head(f0s[i], f1s[i], ws[i])
         assert_close_rel(v1, values[i], 1e-6, 0, f"head vs head_all layer {i}")
 
 
 # ------------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_deterministic(device, layout):
+def test_deterministic(device, layout, monkeypatch):
     shape = (2, 96, 40, 33)  # many blocks per sample
     f0, f1 = make_pair(shape, torch.float32, device, layout, seed=61)
     f0 = f0.detach().requires_grad_()
@@ -341,12 +357,18 @@ def test_deterministic(device, layout):
     w = make_weight(shape[1], device).requires_grad_()
 
     def run():
-        v, d = _ops.head(f0, f1, w, return_map=True)
+        v, d = ops(device).head(f0, f1, w, return_map=True)
         gs = torch.autograd.grad(v.sum() + (d * d).sum(), [f0, f1, w])
         return [v, d, *gs]
 
     threads = torch.get_num_threads()
     first = run()
+    if device == "emu":  # the order in which threads and blocks run must not matter
+        for order in ("reverse", "random"):
+            monkeypatch.setenv("LPIPS_FAST_EMU_ORDER", order)
+            for a, b in zip(first, run()):
+                assert torch.equal(a, b), f"not bit-identical with {order} thread order"
+        return
     try:
         for nt in ([1, max(2, threads)] if device == "cpu" else [threads, threads]):
             torch.set_num_threads(nt)
@@ -355,6 +377,32 @@ def test_deterministic(device, layout):
                 assert torch.equal(a, b), f"not bit-identical with {nt} threads"
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------- knobs
+@pytest.mark.parametrize("env,value", [
+    ("LPIPS_FAST_CUDA_CL_PIXELS", "2"), ("LPIPS_FAST_CUDA_CL_PIXELS", "8"),
+    ("LPIPS_FAST_CUDA_WARPS", "1"), ("LPIPS_FAST_CUDA_WARPS", "16"),
+    ("LPIPS_FAST_EMU_MAX_BLOCKS", "3"),     # several pixel rounds per block (large images)
+    ("LPIPS_FAST_EMU_WGRAD_CHUNK", "16"),   # many weight-gradient chunks (large images)
+])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_emulated_kernels_under_every_setting(env, value, layout, monkeypatch):
+    """The tuning knobs and the device limits change the work split, never the result."""
+    monkeypatch.setenv(env, value)
+    shape = (2, 70, 9, 13)  # P = 117: a partial last pixel group and tile
+    f0, f1 = make_pair(shape, torch.float32, "emu", layout, seed=81)
+    f0, f1 = f0.detach().requires_grad_(), f1.detach().requires_grad_()
+    w = make_weight(shape[1], "emu").requires_grad_()
+    value_, dmap = ops("emu").head(f0, f1, w, return_map=True)
+    grads = torch.autograd.grad(value_.sum() + dmap.sum(), [f0, f1, w])
+    r_in = [x.detach().double().requires_grad_() for x in (f0, f1, w)]
+    v_ref, d_ref = R.head(*r_in, return_map=True)
+    r_grads = torch.autograd.grad(v_ref.sum() + d_ref.sum(), r_in)
+    assert_close_rel(value_, v_ref, 1e-5, 0.0, "value")
+    assert_close_rel(dmap, d_ref, 1e-4, 1e-5, "map")
+    for name, a, b in zip(["f0", "f1", "w"], grads, r_grads):
+        assert_close_rel(a, b, 1e-4, 1e-5, f"grad {name}")
 
 
 # ------------------------------------------------------------------------------- registration
@@ -398,7 +446,7 @@ def test_compile_fullgraph_cpu():
     f0 = f0.requires_grad_()
 
     def fn(a, b, wt):
-        v, d = _ops.head(a, b, wt, return_map=True)
+        v, d = ops(device).head(a, b, wt, return_map=True)
         return v.sum() + d.square().sum()
 
     torch._dynamo.reset()
@@ -416,7 +464,7 @@ def test_compile_fullgraph_inductor_cpu():
     f0, f1, w = _opcheck_args("cpu")
 
     def fn(a, b, wt):
-        values, _ = _ops.head_all([a, a * 2], [b, b], [wt, None])
+        values, _ = ops(device).head_all([a, a * 2], [b, b], [wt, None])
         return values.sum(0)
 
     torch._dynamo.reset()

@@ -7,29 +7,31 @@
 // fixed order (strided per thread, then a fixed shared-memory tree). No atomics: bit-identical
 // results run after run. The block partition depends on shapes only, never on the device.
 //
-// Thread mapping, chosen per layer (block-uniform branch):
-//  - pixels contiguous (NCHW, "pixel lanes"): lane = pixel of a 32-pixel tile (coalesced loads
-//    along the row), warp w takes channels w, w + W, w + 2W, ... (W warps per block). A thread
-//    keeps its first R channels of f0 and f1 in registers, so the second pass (normalized
-//    squared difference, after the norms were reduced across warps in shared memory) reads
-//    registers, not memory: each feature byte is read from DRAM once when C <= W * R
-//    (R = 32 floats, W <= 16: C <= 512 covers alex, vgg and squeeze). Channels beyond that are
-//    re-read in the second pass (correct, slower).
-//  - channels contiguous (channels_last, "channel lanes"): one warp per pixel, lane = channel
-//    (coalesced along the channel vector), lanes keep channels lane + 32 i (i < R) in registers
-//    (C <= 1024 fully cached); sums over channels with a fixed xor-butterfly warp reduction.
+// Thread mapping, by layout (a layer's blocks run one of two kernels; a launch group holding
+// both layouts launches both, each kernel's blocks skip the other kind's layers):
+//  - pixels contiguous (NCHW, "pixel lanes", fwd_pl_kernel): lane = pixel of a 32-pixel tile
+//    (coalesced loads along the row), warp w takes channels w, w + W, w + 2W, ... (W warps per
+//    block). A thread keeps its first R channels of f0 and f1 in registers, so the second pass
+//    (normalized squared difference, after the norms were reduced across warps in shared
+//    memory) reads registers, not memory: each feature byte is read from DRAM once when
+//    C <= W * R (R = 32 floats, W <= 16: C <= 512 covers alex, vgg and squeeze). Channels
+//    beyond that are re-read in the second pass (correct, slower).
+//  - channels contiguous (channels_last, "channel lanes", fwd_cl_kernel): a warp takes
+//    kClPixels pixels at once, lane = channel; two passes over the channels, the second served
+//    by L1 (see the kernel). The first version cached channels in registers like the pixel
+//    lanes; at 128 registers it kept too few bytes in flight (10-20% of the copy bandwidth on
+//    an H100, benchmarks/results/nvidia-h100-80gb-hbm3-gpu-check-run1.md).
 // fp16/bf16 are converted to float on load; all accumulation in float (double for double).
 //
 // Backward: the same two mappings; pass 1 reduces S = sum_k G_k f_k per pixel, pass 2 writes
-// the feature gradients from registers. The weight gradient (only needed when the lin layers
-// are trained) is a separate kernel: block = (layer, channel, chunk of 2048 flattened (n, p)),
-// partials per chunk, reduced per channel in a fixed order.
+// the feature gradients. The weight gradient (only needed when the lin layers are trained) is
+// a separate kernel: block = (layer, channel, chunk of wchunk flattened (n, p)), partials per
+// chunk, reduced per channel in a fixed order.
+//
+// The same source runs on the CPU under csrc/emu (tests): see launch.h for the differences.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -39,14 +41,16 @@
 
 #include "../common.h"
 #include "../head.h"
+#include "launch.h"  // GPU build vs CPU emulation (csrc/emu): launches, shared memory, limits
 
 namespace lpips_fast {
 namespace {
 
-constexpr int kMaxWarps = 16;
+constexpr int kMaxWarps = 16;   // pixel-lane blocks: up to 16 warps (512 threads)
+constexpr int kClWarps = 8;     // channel-lane blocks: 8 warps by default
+constexpr int kClPixels = 4;    // pixels a channel-lane warp takes at once (default)
 constexpr int kReduceThreads = 256;
 constexpr int kWgradThreads = 256;
-constexpr int64_t kWgradChunk = 2048;
 
 template <typename T, typename A>
 struct Descs {
@@ -156,82 +160,95 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
 }
 
 template <typename T, typename A, int R>
-__device__ void fwd_channel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk, int W,
-                                  A* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    fwd_pl_kernel(const __grid_constant__ Descs<T, A> ds) {
+  const LayerDesc<T, A>& d = ds.l[blockIdx.y];
+  const int64_t item = blockIdx.x;
+  if (d.chfast || item >= d.N * d.nblocks) return;  // block-uniform
+  LF_DYNAMIC_SHARED(A, red);
+  const int64_t n = item / d.nblocks, blk = item % d.nblocks;
+  fwd_pixel_lanes<T, A, R>(d, n, blk, blockDim.x >> 5, red);
+}
+
+// Channel lanes (channels contiguous, sC = 1): a warp takes PX pixels at once; lane =
+// channel (c = lane + 32 i, coalesced along each pixel's channel vector). Pass 1 sums the
+// squares of all its pixels' channels (independent loads: many bytes in flight per warp), the
+// norms are reduced across the warp (fixed xor butterfly), pass 2 reads the same channels
+// again (from L1: the warp has just loaded them) for the weighted squared difference. No
+// register cache, so few registers and many resident warps, whatever C is.
+template <typename T, typename A, int PX>
+__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+    fwd_cl_kernel(const __grid_constant__ Descs<T, A> ds) {
+  const LayerDesc<T, A>& d = ds.l[blockIdx.y];
+  const int64_t item = blockIdx.x;
+  if (!d.chfast || item >= d.N * d.nblocks) return;  // block-uniform
+  LF_SHARED(A, red, kMaxWarps);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+  const int C = (int)d.C;
+  const int64_t n = item / d.nblocks, blk = item % d.nblocks;
   const int64_t pbeg = blk * d.pix_per_block;
   const int64_t pend = min(d.P, pbeg + d.pix_per_block);
   A bsum = 0;
-  for (int64_t p = pbeg + warp; p < pend; p += W) {  // warp-uniform
-    const T* x0 = d.f0 + n * d.sN0 + p * d.sP0;
-    const T* x1 = d.f1 + n * d.sN1 + p * d.sP1;
-    A v0[R], v1[R];
-    A s0 = 0, s1 = 0;
+  for (int64_t p0 = pbeg + (int64_t)warp * PX; p0 < pend; p0 += (int64_t)W * PX) {
+    const T* b0 = d.f0 + n * d.sN0 + p0 * d.sP0;
+    const T* b1 = d.f1 + n * d.sN1 + p0 * d.sP1;
+    const int last = (int)min((int64_t)PX, pend - p0) - 1;
+    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)
+    A s0[PX], s1[PX], dist[PX];
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t c = lane + 32 * (int64_t)i;
-      v0[i] = v1[i] = A(0);
-      if (c < d.C) {
-        v0[i] = ld<T, A>(x0 + c * d.sC0);
-        v1[i] = ld<T, A>(x1 + c * d.sC1);
+    for (int j = 0; j < PX; ++j) {
+      o0[j] = min(j, last) * (int)d.sP0;
+      o1[j] = min(j, last) * (int)d.sP1;
+      s0[j] = s1[j] = dist[j] = A(0);
+    }
+#pragma unroll 1
+    for (int c = lane; c < C; c += 32) {
+#pragma unroll
+      for (int j = 0; j < PX; ++j) {
+        const A a = ld<T, A>(b0 + o0[j] + c), b = ld<T, A>(b1 + o1[j] + c);
+        s0[j] += a * a;
+        s1[j] += b * b;
       }
-      s0 += v0[i] * v0[i];
-      s1 += v1[i] * v1[i];
     }
-    for (int64_t c = lane + 32 * (int64_t)R; c < d.C; c += 32) {
-      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
-      s0 += a * a;
-      s1 += b * b;
-    }
-    const A r0 = dev_sqrt(warp_allsum(s0)), r1 = dev_sqrt(warp_allsum(s1));
-    const A a0 = inv_norm(r0), a1 = inv_norm(r1);
-    A dsum = 0;
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t c = lane + 32 * (int64_t)i;
-      if (c < d.C) dsum += dist_term(weight_at(d.w, c), v0[i], v1[i], a0, a1);
+    for (int j = 0; j < PX; ++j) {
+      s0[j] = dev_sqrt(warp_allsum(s0[j]));  // now the norms r0, r1
+      s1[j] = dev_sqrt(warp_allsum(s1[j]));
     }
-    for (int64_t c = lane + 32 * (int64_t)R; c < d.C; c += 32)
-      dsum += dist_term(weight_at(d.w, c), ld<T, A>(x0 + c * d.sC0), ld<T, A>(x1 + c * d.sC1), a0,
-                        a1);
-    const A dv = warp_allsum(dsum);
-    if (lane == 0) {
-      d.r0[n * d.P + p] = r0;
-      d.r1[n * d.P + p] = r1;
-      if (d.dmap != nullptr) d.dmap[n * d.P + p] = dv;
-      bsum += dv;
+#pragma unroll 1
+    for (int c = lane; c < C; c += 32) {
+      const A wc = weight_at(d.w, c);
+#pragma unroll
+      for (int j = 0; j < PX; ++j)
+        dist[j] += dist_term(wc, ld<T, A>(b0 + o0[j] + c), ld<T, A>(b1 + o1[j] + c),
+                             inv_norm(s0[j]), inv_norm(s1[j]));
+    }
+#pragma unroll
+    for (int j = 0; j < PX; ++j) {
+      const A dv = warp_allsum(dist[j]);
+      const int64_t q = n * d.P + p0 + j;
+      if (lane == 0 && j <= last) {
+        d.r0[q] = s0[j];
+        d.r1[q] = s1[j];
+        if (d.dmap != nullptr) d.dmap[q] = dv;
+        bsum += dv;
+      }
     }
   }
   if (lane == 0) red[warp] = bsum;
   __syncthreads();
   if (threadIdx.x == 0) {
-    A s = 0;
-    for (int w = 0; w < W; ++w) s += red[w];
-    d.partial[n * d.nblocks + blk] = s;
+    A sum = 0;
+    for (int w = 0; w < W; ++w) sum += red[w];
+    d.partial[n * d.nblocks + blk] = sum;
   }
-}
-
-template <typename T, typename A, int R>
-__global__ void __launch_bounds__(kMaxWarps * 32)
-    fwd_kernel(const __grid_constant__ Descs<T, A> ds) {
-  const LayerDesc<T, A>& d = ds.l[blockIdx.y];
-  const int64_t item = blockIdx.x;
-  if (item >= d.N * d.nblocks) return;  // block-uniform
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* red = reinterpret_cast<A*>(smem_raw);
-  const int W = blockDim.x >> 5;
-  const int64_t n = item / d.nblocks, blk = item % d.nblocks;
-  if (d.chfast)
-    fwd_channel_lanes<T, A, R>(d, n, blk, W, red);
-  else
-    fwd_pixel_lanes<T, A, R>(d, n, blk, W, red);
 }
 
 // values[(l0 + layer) * N + n] = (sum of the sample's block partials, fixed order) / P
 template <typename T, typename A>
 __global__ void __launch_bounds__(kReduceThreads)
     value_reduce_kernel(const __grid_constant__ Descs<T, A> ds, A* values, int64_t l0) {
-  __shared__ A sm[kReduceThreads];
+  LF_SHARED(A, sm, kReduceThreads);
   const LayerDesc<T, A>& d = ds.l[blockIdx.y];
   const int64_t n = blockIdx.x;
   if (n >= d.N) return;
@@ -314,66 +331,75 @@ __device__ void bwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
 }
 
 template <typename T, typename A, int R>
-__device__ void bwd_channel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk, int W) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t pbeg = blk * d.pix_per_block;
-  const int64_t pend = min(d.P, pbeg + d.pix_per_block);
-  for (int64_t p = pbeg + warp; p < pend; p += W) {  // warp-uniform
-    const T* x0 = d.f0 + n * d.sN0 + p * d.sP0;
-    const T* x1 = d.f1 + n * d.sN1 + p * d.sP1;
-    const A u = upstream(d.gvalue, d.gmap, n, p, d.P);
-    const A r0 = d.r0[n * d.P + p], r1 = d.r1[n * d.P + p];
-    const A a0 = inv_norm(r0), a1 = inv_norm(r1);
-    A v0[R], v1[R];
-    A s0 = 0, s1 = 0;
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t c = lane + 32 * (int64_t)i;
-      v0[i] = v1[i] = A(0);
-      if (c < d.C) {
-        v0[i] = ld<T, A>(x0 + c * d.sC0);
-        v1[i] = ld<T, A>(x1 + c * d.sC1);
-        const A g = grad_n(u, weight_at(d.w, c), v0[i], v1[i], a0, a1);
-        s0 += g * v0[i];
-        s1 += g * v1[i];
-      }
-    }
-    for (int64_t c = lane + 32 * (int64_t)R; c < d.C; c += 32) {
-      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
-      const A g = grad_n(u, weight_at(d.w, c), a, b, a0, a1);
-      s0 += g * a;
-      s1 += g * b;
-    }
-    const A k0 = second_coef(warp_allsum(s0), r0, a0), k1 = second_coef(warp_allsum(s1), r1, a1);
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t c = lane + 32 * (int64_t)i;
-      if (c < d.C)
-        store_grads(d, n, c, p, grad_n(u, weight_at(d.w, c), v0[i], v1[i], a0, a1), v0[i], v1[i],
-                    a0, a1, k0, k1);
-    }
-    for (int64_t c = lane + 32 * (int64_t)R; c < d.C; c += 32) {
-      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
-      store_grads(d, n, c, p, grad_n(u, weight_at(d.w, c), a, b, a0, a1), a, b, a0, a1, k0, k1);
-    }
-  }
-}
-
-template <typename T, typename A, int R>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    bwd_kernel(const __grid_constant__ Descs<T, A> ds) {
+    bwd_pl_kernel(const __grid_constant__ Descs<T, A> ds) {
   const LayerDesc<T, A>& d = ds.l[blockIdx.y];
   const int64_t item = blockIdx.x;
-  if (item >= d.N * d.nblocks) return;  // block-uniform
+  if (d.chfast || item >= d.N * d.nblocks) return;  // block-uniform
   if (d.g0 == nullptr && d.g1 == nullptr) return;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* red = reinterpret_cast<A*>(smem_raw);
-  const int W = blockDim.x >> 5;
+  LF_DYNAMIC_SHARED(A, red);
   const int64_t n = item / d.nblocks, blk = item % d.nblocks;
-  if (d.chfast)
-    bwd_channel_lanes<T, A, R>(d, n, blk, W);
-  else
-    bwd_pixel_lanes<T, A, R>(d, n, blk, W, red);
+  bwd_pixel_lanes<T, A, R>(d, n, blk, blockDim.x >> 5, red);
+}
+
+// Channel lanes, as fwd_cl_kernel: pass 1 reduces S = sum_k G_k f_k of each of the warp's
+// pixels, pass 2 re-reads the channels (L1) and writes the gradients (coalesced along C).
+template <typename T, typename A, int PX>
+__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+    bwd_cl_kernel(const __grid_constant__ Descs<T, A> ds) {
+  const LayerDesc<T, A>& d = ds.l[blockIdx.y];
+  const int64_t item = blockIdx.x;
+  if (!d.chfast || item >= d.N * d.nblocks) return;  // block-uniform
+  if (d.g0 == nullptr && d.g1 == nullptr) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
+  const int C = (int)d.C;
+  const int64_t n = item / d.nblocks, blk = item % d.nblocks;
+  const int64_t pbeg = blk * d.pix_per_block;
+  const int64_t pend = min(d.P, pbeg + d.pix_per_block);
+  for (int64_t p0 = pbeg + (int64_t)warp * PX; p0 < pend; p0 += (int64_t)W * PX) {
+    const T* b0 = d.f0 + n * d.sN0 + p0 * d.sP0;
+    const T* b1 = d.f1 + n * d.sN1 + p0 * d.sP1;
+    const int last = (int)min((int64_t)PX, pend - p0) - 1;
+    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)
+    A u[PX], r0[PX], r1[PX], s0[PX], s1[PX];
+#pragma unroll
+    for (int j = 0; j < PX; ++j) {
+      const int64_t q = n * d.P + p0 + min(j, last);
+      o0[j] = min(j, last) * (int)d.sP0;
+      o1[j] = min(j, last) * (int)d.sP1;
+      u[j] = upstream(d.gvalue, d.gmap, n, p0 + min(j, last), d.P);
+      r0[j] = d.r0[q];
+      r1[j] = d.r1[q];
+      s0[j] = s1[j] = A(0);
+    }
+#pragma unroll 1
+    for (int c = lane; c < C; c += 32) {
+      const A wc = weight_at(d.w, c);
+#pragma unroll
+      for (int j = 0; j < PX; ++j) {
+        const A a = ld<T, A>(b0 + o0[j] + c), b = ld<T, A>(b1 + o1[j] + c);
+        const A g = grad_n(u[j], wc, a, b, inv_norm(r0[j]), inv_norm(r1[j]));
+        s0[j] += g * a;
+        s1[j] += g * b;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < PX; ++j) {  // now the coefficients k0, k1 of the second term
+      s0[j] = second_coef(warp_allsum(s0[j]), r0[j], inv_norm(r0[j]));
+      s1[j] = second_coef(warp_allsum(s1[j]), r1[j], inv_norm(r1[j]));
+    }
+#pragma unroll 1
+    for (int c = lane; c < C; c += 32) {
+      const A wc = weight_at(d.w, c);
+#pragma unroll
+      for (int j = 0; j < PX; ++j) {
+        if (j > last) continue;  // warp-uniform
+        const A a = ld<T, A>(b0 + o0[j] + c), b = ld<T, A>(b1 + o1[j] + c);
+        const A a0 = inv_norm(r0[j]), a1 = inv_norm(r1[j]);
+        store_grads(d, n, c, p0 + j, grad_n(u[j], wc, a, b, a0, a1), a, b, a0, a1, s0[j], s1[j]);
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -384,14 +410,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 template <typename T, typename A>
 __global__ void __launch_bounds__(kWgradThreads)
     wgrad_kernel(const __grid_constant__ Descs<T, A> ds) {
-  __shared__ A sm[kWgradThreads];
+  LF_SHARED(A, sm, kWgradThreads);
   const LayerDesc<T, A>& d = ds.l[blockIdx.z];
   const int64_t c = blockIdx.y, chunk = blockIdx.x;
   if (d.wpartial == nullptr || c >= d.C || chunk >= d.wchunks) return;  // block-uniform
   const int64_t NP = d.N * d.P;
-  const int64_t qend = min(NP, (chunk + 1) * kWgradChunk);
+  const int64_t qend = min(NP, (chunk + 1) * d.wchunk);
   A s = 0;
-  for (int64_t q = chunk * kWgradChunk + threadIdx.x; q < qend; q += kWgradThreads) {
+  for (int64_t q = chunk * d.wchunk + threadIdx.x; q < qend; q += kWgradThreads) {
     const int64_t n = q / d.P, p = q % d.P;
     const A u = upstream(d.gvalue, d.gmap, n, p, d.P);
     const A a0 = inv_norm(d.r0[q]), a1 = inv_norm(d.r1[q]);
@@ -405,7 +431,7 @@ __global__ void __launch_bounds__(kWgradThreads)
 template <typename T, typename A>
 __global__ void __launch_bounds__(kReduceThreads)
     wgrad_reduce_kernel(const __grid_constant__ Descs<T, A> ds) {
-  __shared__ A sm[kReduceThreads];
+  LF_SHARED(A, sm, kReduceThreads);
   const LayerDesc<T, A>& d = ds.l[blockIdx.y];
   const int64_t c = blockIdx.x;
   if (d.wpartial == nullptr || c >= d.C) return;
@@ -433,75 +459,109 @@ inline int warps_override() {
   return v == nullptr ? 0 : std::max(0, std::min(kMaxWarps, std::atoi(v)));
 }
 
-// Warps per block for a group of layers: enough warps for the pixel-lane layers to keep
-// every channel in registers (up to kMaxWarps); 8 when only channel-lane layers.
+// Warps per pixel-lane block for a group of layers: enough to keep every channel of the
+// widest pixel-lane layer in registers (W * R >= C), up to kMaxWarps.
 template <typename Desc>
-int warps_for(const std::vector<Desc>& g, int R) {
-  const int forced = warps_override();
-  int64_t maxc = 0;
-  bool any_pl = false;
+int pl_warps(const std::vector<Desc>& g, int R) {
+  int64_t maxc = 1;
   for (const auto& d : g)
-    if (!d.chfast) {
-      any_pl = true;
-      maxc = std::max(maxc, d.C);
-    }
-  if (!any_pl) return forced > 0 ? forced : 8;
-  const int64_t need = std::max<int64_t>(std::max(forced, 1), (maxc + R - 1) / R);
+    if (!d.chfast) maxc = std::max(maxc, d.C);
+  const int64_t need = std::max<int64_t>(warps_override(), (maxc + R - 1) / R);
   return (int)std::min<int64_t>(kMaxWarps, need);
 }
 
+inline int cl_warps() {
+  const int forced = warps_override();
+  return forced > 0 ? forced : kClWarps;
+}
+
+// Tuning knob like LPIPS_FAST_CUDA_WARPS: LPIPS_FAST_CUDA_CL_PIXELS=2|4|8 pixels per
+// channel-lane warp round (kClPixels when unset).
+inline int cl_pixels() {
+  const char* v = std::getenv("LPIPS_FAST_CUDA_CL_PIXELS");
+  const int px = v == nullptr ? kClPixels : std::atoi(v);
+  return px == 2 || px == 8 ? px : kClPixels;
+}
+
+
 // Block partition: depends on the shapes (and the warps, derived from shapes) only.
 template <typename Desc>
-void set_partition(Desc& d, int W) {
-  const int64_t unit = d.chfast ? W : 32;  // pixels per tile
+void set_partition(Desc& d, int W, int px) {
+  const int64_t unit = d.chfast ? (int64_t)W * px : 32;  // pixels per block round
   const int64_t tiles = (d.P + unit - 1) / unit;
-  const int64_t max_blocks = 65536;
-  const int64_t per_sample = std::max<int64_t>(1, max_blocks / std::max<int64_t>(1, d.N));
+  const int64_t per_sample = std::max<int64_t>(1, max_blocks_per_layer() / std::max<int64_t>(1, d.N));
   const int64_t tpb = (tiles + per_sample - 1) / per_sample;
   d.pix_per_block = tpb * unit;
   d.nblocks = (d.P + d.pix_per_block - 1) / d.pix_per_block;
 }
 
+// One launch group (at most kMaxLayers layers): descriptors with their partitions, the
+// warps of each kind of block, and the grid extents that the kernels need.
+template <typename T, typename A>
+struct Group {
+  std::vector<LayerDesc<T, A>> g;
+  int Wpl = 1, Wcl = 1, px = kClPixels;
+  int64_t gx_pl = 0, gx_cl = 0, maxn = 1;
+
+  template <typename Plan>
+  Group(Plan& plan, size_t l0, size_t nl) {
+    constexpr int R = regs_per_thread<A>();
+    for (size_t i = 0; i < nl; ++i) g.push_back(base_desc<T, A>(plan, l0 + i));
+    Wpl = pl_warps(g, R);
+    Wcl = cl_warps();
+    px = cl_pixels();
+    for (auto& d : g) {
+      set_partition(d, d.chfast ? Wcl : Wpl, px);
+      (d.chfast ? gx_cl : gx_pl) = std::max(d.chfast ? gx_cl : gx_pl, d.N * d.nblocks);
+      maxn = std::max(maxn, d.N);
+    }
+    TORCH_CHECK(std::max(gx_pl, gx_cl) < (int64_t(1) << 31),
+                "lpips_fast: layer too large for one launch");
+  }
+
+  Descs<T, A> descs() const {
+    Descs<T, A> ds{};
+    for (size_t i = 0; i < g.size(); ++i) ds.l[i] = g[i];
+    return ds;
+  }
+};
+
 template <typename T, typename A>
 void forward_typed(FwdPlan& plan) {
   constexpr int R = regs_per_thread<A>();
   const size_t L = plan.v0.size();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto aopts = plan.values.options();
+  const auto stream = current_stream();
   A* values = plan.values.mutable_data_ptr<A>();
   for (size_t l0 = 0; l0 < L; l0 += kMaxLayers) {
     const size_t nl = std::min<size_t>(kMaxLayers, L - l0);
-    std::vector<LayerDesc<T, A>> g;
-    for (size_t i = 0; i < nl; ++i) g.push_back(base_desc<T, A>(plan, l0 + i));
-    const int W = warps_for(g, R);
-    int64_t total = 0, gx = 1, maxn = 1;
-    for (auto& d : g) {
-      set_partition(d, W);
-      total += d.N * d.nblocks;
-      gx = std::max(gx, d.N * d.nblocks);
-      maxn = std::max(maxn, d.N);
-    }
-    Tensor partial = at::empty({total}, aopts);
-    Descs<T, A> ds{};
+    Group<T, A> grp(plan, l0, nl);
+    if (grp.g[0].N == 0) continue;
+    int64_t total = 0;
+    for (const auto& d : grp.g) total += d.N * d.nblocks;
+    Tensor partial = new_output({total}, plan.values.options());
     int64_t off = 0;
-    for (size_t i = 0; i < nl; ++i) {
-      g[i].partial = partial.mutable_data_ptr<A>() + off;
-      off += g[i].N * g[i].nblocks;
-      ds.l[i] = g[i];
+    for (auto& d : grp.g) {
+      d.partial = partial.mutable_data_ptr<A>() + off;
+      off += d.N * d.nblocks;
     }
-    if (g[0].N == 0) continue;
-    TORCH_CHECK(gx < (int64_t(1) << 31), "lpips_fast: layer too large for one launch");
-    const size_t smem = 2 * W * 32 * sizeof(A);
-    fwd_kernel<T, A, R><<<dim3((unsigned)gx, (unsigned)nl), W * 32, smem, stream>>>(ds);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    value_reduce_kernel<T, A><<<dim3((unsigned)maxn, (unsigned)nl), kReduceThreads, 0, stream>>>(
-        ds, values, (int64_t)l0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto ds = grp.descs();
+    const unsigned y = (unsigned)nl;
+    if (grp.gx_pl > 0)
+      launch(fwd_pl_kernel<T, A, R>, "fwd_pl_kernel", dim3((unsigned)grp.gx_pl, y), grp.Wpl * 32,
+             2 * grp.Wpl * 32 * sizeof(A), stream, ds);
+    const auto fwd_cl = grp.px == 2   ? fwd_cl_kernel<T, A, 2>
+                        : grp.px == 8 ? fwd_cl_kernel<T, A, 8>
+                                      : fwd_cl_kernel<T, A, kClPixels>;
+    if (grp.gx_cl > 0)
+      launch(fwd_cl, "fwd_cl_kernel", dim3((unsigned)grp.gx_cl, y), grp.Wcl * 32, 0,
+             stream, ds);
+    launch(value_reduce_kernel<T, A>, "value_reduce_kernel", dim3((unsigned)grp.maxn, y),
+           kReduceThreads, 0, stream, ds, values, (int64_t)l0);
   }
 }
 
 void forward_cuda(FwdPlan& plan) {
-  const c10::cuda::CUDAGuard guard(plan.values.device());
+  const DeviceGuard guard(plan.values.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype,
                                   "lpips_fast_forward_cuda", [&] {
                                     using A = at::opmath_type<scalar_t>;
@@ -513,59 +573,59 @@ template <typename T, typename A>
 void backward_typed(BwdPlan& plan) {
   constexpr int R = regs_per_thread<A>();
   const size_t L = plan.v0.size();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto aopts = plan.gvalues.options();
+  const auto stream = current_stream();
   for (size_t l0 = 0; l0 < L; l0 += kMaxLayers) {
     const size_t nl = std::min<size_t>(kMaxLayers, L - l0);
-    std::vector<LayerDesc<T, A>> g;
-    for (size_t i = 0; i < nl; ++i) g.push_back(base_desc<T, A>(plan, l0 + i));
-    const int W = warps_for(g, R);
-    int64_t gx = 1, wtotal = 0, wgx = 1, maxc = 1;
+    Group<T, A> grp(plan, l0, nl);
+    if (grp.g[0].N == 0) {  // nothing to sum: the weight gradients are zero
+      for (size_t i = 0; i < nl; ++i) plan.gws[l0 + i].zero_();
+      continue;
+    }
+    int64_t wtotal = 0, wgx = 1, maxc = 1;
     for (size_t i = 0; i < nl; ++i) {
-      auto& d = g[i];
-      set_partition(d, W);
-      gx = std::max(gx, d.N * d.nblocks);
-      d.wchunks = (d.N * d.P + kWgradChunk - 1) / kWgradChunk;
+      auto& d = grp.g[i];
+      d.wchunk = wgrad_chunk();
+      d.wchunks = (d.N * d.P + d.wchunk - 1) / d.wchunk;
       if (plan.gws[l0 + i].numel() > 0) {
         wtotal += d.wchunks * d.C;
         wgx = std::max(wgx, d.wchunks);
         maxc = std::max(maxc, d.C);
       }
     }
-    Tensor wpart = at::empty({std::max<int64_t>(wtotal, 1)}, aopts);
-    Descs<T, A> ds{};
+    TORCH_CHECK(wgx < (int64_t(1) << 31), "lpips_fast: layer too large for one launch");
+    Tensor wpart = new_output({std::max<int64_t>(wtotal, 1)}, plan.gvalues.options());
     int64_t off = 0;
     for (size_t i = 0; i < nl; ++i) {
-      auto& d = g[i];
-      if (plan.gws[l0 + i].numel() > 0) {
-        d.wpartial = wpart.mutable_data_ptr<A>() + off;
-        d.gw = plan.gws[l0 + i].mutable_data_ptr<A>();
-        off += d.wchunks * d.C;
-      }
-      ds.l[i] = d;
+      if (plan.gws[l0 + i].numel() == 0) continue;
+      grp.g[i].wpartial = wpart.mutable_data_ptr<A>() + off;
+      grp.g[i].gw = plan.gws[l0 + i].mutable_data_ptr<A>();
+      off += grp.g[i].wchunks * grp.g[i].C;
     }
-    if (g[0].N == 0) continue;
-    TORCH_CHECK(gx < (int64_t(1) << 31) && wgx < (int64_t(1) << 31),
-                "lpips_fast: layer too large for one launch");
+    const auto ds = grp.descs();
+    const unsigned y = (unsigned)nl;
     if (plan.want0 || plan.want1) {
-      const size_t smem = 2 * W * 32 * sizeof(A);
-      bwd_kernel<T, A, R><<<dim3((unsigned)gx, (unsigned)nl), W * 32, smem, stream>>>(ds);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (grp.gx_pl > 0)
+        launch(bwd_pl_kernel<T, A, R>, "bwd_pl_kernel", dim3((unsigned)grp.gx_pl, y),
+               grp.Wpl * 32, 2 * grp.Wpl * 32 * sizeof(A), stream, ds);
+      const auto bwd_cl = grp.px == 2   ? bwd_cl_kernel<T, A, 2>
+                          : grp.px == 8 ? bwd_cl_kernel<T, A, 8>
+                                        : bwd_cl_kernel<T, A, kClPixels>;
+      if (grp.gx_cl > 0)
+        launch(bwd_cl, "bwd_cl_kernel", dim3((unsigned)grp.gx_cl, y), grp.Wcl * 32,
+               0, stream, ds);
     }
     if (wtotal > 0) {
-      TORCH_CHECK(maxc < 65536, "lpips_fast: weight gradient needs C < 65536 on CUDA");
-      wgrad_kernel<T, A><<<dim3((unsigned)wgx, (unsigned)maxc, (unsigned)nl), kWgradThreads, 0,
-                           stream>>>(ds);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      wgrad_reduce_kernel<T, A><<<dim3((unsigned)maxc, (unsigned)nl), kReduceThreads, 0, stream>>>(
-          ds);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TORCH_CHECK(maxc <= 65535, "lpips_fast: the weight gradient needs C <= 65535 on CUDA");
+      launch(wgrad_kernel<T, A>, "wgrad_kernel", dim3((unsigned)wgx, (unsigned)maxc, y),
+             kWgradThreads, 0, stream, ds);
+      launch(wgrad_reduce_kernel<T, A>, "wgrad_reduce_kernel", dim3((unsigned)maxc, y),
+             kReduceThreads, 0, stream, ds);
     }
   }
 }
 
 void backward_cuda(BwdPlan& plan) {
-  const c10::cuda::CUDAGuard guard(plan.gvalues.device());
+  const DeviceGuard guard(plan.gvalues.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype,
                                   "lpips_fast_backward_cuda", [&] {
                                     using A = at::opmath_type<scalar_t>;
@@ -575,7 +635,7 @@ void backward_cuda(BwdPlan& plan) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lpips_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(LF_OPS_NAMESPACE, LF_DISPATCH_KEY, m) {
   m.impl("head_forward", &op_head_forward<forward_cuda>);
   m.impl("head_all_forward", &op_head_all_forward<forward_cuda>);
   m.impl("head_backward", &op_head_backward<backward_cuda>);
