@@ -25,6 +25,7 @@ PYTHON=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
+export LPIPS_FAST_EMU=0  # the CPU emulation of the kernels is for machines without a GPU
 T_START=$SECONDS
 
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then

@@ -34,9 +34,12 @@ def _build():
 
 emu_ops = None
 emu_error = None
-try:
-    emu_ops = _build()
-except Exception as e:  # reported by the tests that need it (they fail, not skip, in CI)
-    emu_error = f"{type(e).__name__}: {e}"
+if os.environ.get("LPIPS_FAST_EMU") == "0":  # e.g. benchmarks/gpu_check.sh: the real GPU is there
+    emu_error = "disabled by LPIPS_FAST_EMU=0"
+else:
+    try:
+        emu_ops = _build()
+    except Exception as e:  # reported by the tests that need it (they fail, not skip, in CI)
+        emu_error = f"{type(e).__name__}: {e}"
 
 assert torch  # (imported for the side effect of loading torch before the extension)
