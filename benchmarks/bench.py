@@ -69,7 +69,8 @@ def implementations(net: str, device, compiled: bool, precisions):
         # and would time a shape-generic kernel instead of the best static one.
         torch._dynamo.reset()
         return {"official+compile": torch.compile(official_model(net, state, device),
-                                                  dynamic=False)}
+                                                  dynamic=False),
+                "lpips_fast+compile": torch.compile(ours, dynamic=False)}
     impls = {"official": official_model(net, state, device), "lpips_fast": ours}
     for p in precisions:
         m = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, precision=p).to(device)
@@ -115,6 +116,12 @@ def run_case(net, n, size, backward, device, args, compiled=False):
             rows[name] = {"ms": sec * 1e3, "peak_bytes": peak}
         except torch.OutOfMemoryError:
             rows[name] = {"ms": None, "peak_bytes": None, "error": "out of memory"}
+        except Exception as e:  # a compiler failure costs its row, not the whole benchmark
+            if not compiled:
+                raise
+            rows[name] = {"ms": None, "peak_bytes": None,
+                          "error": f"failed: {type(e).__name__}"}
+            print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"  {net} N={n} {size}x{size} {'fwd+bwd' if backward else 'fwd'} {name:24s} "
@@ -130,15 +137,16 @@ def ratio(rows, a, b):
 
 def markdown(results, meta) -> str:
     lines = [f"# LPIPS benchmark on {meta['device']}", "",
-             f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, medians of "
-             f"at least {meta['repeats']} runs (and 0.3 s) after {meta['warmup']} warm-up runs. Ratios > 1 mean "
-             "lpips_fast (fp32) is faster.", ""]
+             f"torch {meta['torch']}, commit {meta['commit']}, {meta['date']}, medians of at "
+             f"least {meta['repeats']} runs (and 0.3 s) after {meta['warmup']} warm-up runs. "
+             "Ratios > 1 mean lpips_fast is faster (fp32 unless the column says otherwise).", ""]
+    order = ["official", "official+compile", "lpips_fast", "lpips_fast+compile"]
     names = sorted({k for r in results for k in r["rows"]},
-                   key=lambda k: ["official", "official+compile", "lpips_fast"].index(k)
-                   if k in ("official", "official+compile", "lpips_fast") else 9)
+                   key=lambda k: order.index(k) if k in order else 9)
     header = "| case | " + " | ".join(f"{k} ms" for k in names) + \
-             " | vs official | vs compile | bf16 vs compile | peak MiB (official / fast) |"
-    lines += [header, "|" + "---|" * (len(names) + 5)]
+             " | vs official | vs compile | bf16 vs compile | compiled vs compile |" \
+             " peak MiB (official / fast) |"
+    lines += [header, "|" + "---|" * (len(names) + 6)]
     for r in results:
         rows = r["rows"]
         cells = [f"{rows[k]['ms']:.3f}" if rows.get(k, {}).get("ms") else
@@ -149,7 +157,8 @@ def markdown(results, meta) -> str:
         lines.append(f"| {r['case']} | " + " | ".join(cells) +
                      f" | {fmt(ratio(rows, 'official', 'lpips_fast'))} | "
                      f"{fmt(ratio(rows, 'official+compile', 'lpips_fast'))} | "
-                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast bf16'))} | {peak} |")
+                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast bf16'))} | "
+                     f"{fmt(ratio(rows, 'official+compile', 'lpips_fast+compile'))} | {peak} |")
     return "\n".join(lines) + "\n"
 
 

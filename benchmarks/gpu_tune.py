@@ -3,8 +3,7 @@
 
 Each section times variants of one choice on the same inputs and weights:
   A. training loss (fwd+bwd w.r.t. in0): default vs channels_last=False, cudnn.benchmark,
-     CUDA-graph replay (lpips_fast.cuda_graphed), one backbone pass for the pair
-     (BATCH_PASSES_MAX_PIXELS); the official eager module as the baseline;
+     CUDA-graph replay (lpips_fast.cuda_graphed); the official eager module as the baseline;
   B. scoring (fwd, no grad) at high resolution: channels_last and precision;
   C. ONE_LAUNCH_MAX_PIXELS: the all-layer head (one launch) vs streaming per layer, by size;
   D. the head kernels' knobs (LPIPS_FAST_CUDA_WARPS, LPIPS_FAST_CUDA_CL_PIXELS), head alone;
@@ -89,12 +88,6 @@ def section_train(net, n, size):
     rows["cuda_graphed"] = ms(graphed_step(default, x0, x1))
     with cudnn_benchmark(True):
         rows["cuda_graphed + cudnn.benchmark"] = ms(graphed_step(ours(net), x0, x1))
-    old = M.BATCH_PASSES_MAX_PIXELS
-    M.BATCH_PASSES_MAX_PIXELS = 10**12
-    try:
-        rows["one backbone pass for the pair"] = ms(train_step(default, x0, x1))
-    finally:
-        M.BATCH_PASSES_MAX_PIXELS = old
     rows["bf16"] = ms(train_step(ours(net, precision="bf16"), x0, x1))
     return f"A. {net}, N={n}, {size}x{size}, fwd+bwd", rows, "official eager"
 
@@ -171,7 +164,8 @@ WARPS, WARP_SET = "LPIPS_FAST_CUDA_WARPS", ("", "4", "8", "16")
 PIXELS, PIX_SET = "LPIPS_FAST_CUDA_CL_PIXELS", ("", "2", "8")
 
 
-HEAD_KERNELS = ("fwd_kernel", "bwd_kernel", "value_reduce_kernel", "wgrad")
+HEAD_KERNELS = ("fwd_pl_kernel", "fwd_cl_kernel", "bwd_pl_kernel", "bwd_cl_kernel",
+                "value_reduce_kernel", "wgrad_kernel", "wgrad_reduce_kernel")
 
 
 def section_profile(net, n, size, backward):

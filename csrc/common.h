@@ -7,6 +7,7 @@
 #include <ATen/core/List.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 
@@ -215,9 +216,18 @@ inline BwdPlan plan_backward(const Tensor& grad_values,
   const int64_t N = f0s[0].dim() > 0 ? f0s[0].size(0) : 0;
   TORCH_CHECK(grad_values.numel() == (int64_t)L * N, "lpips_fast backward: grad of the values "
               "has ", grad_values.numel(), " elements, expected ", (int64_t)L * N);
+  const auto dev = f0s[0].device();
+  TORCH_CHECK(grad_values.device() == dev, "lpips_fast backward: the grad of the values is on ",
+              grad_values.device(), " but the features are on ", dev);
   plan.gvalues = grad_values.to(plan.acc).contiguous();
   for (size_t l = 0; l < L; ++l) {
     check_layer(f0s[l], f1s[l], ws[l], l);
+    TORCH_CHECK(f0s[l].device() == dev && r0s[l].device() == dev && r1s[l].device() == dev &&
+                    (!gmaps[l].has_value() || gmaps[l]->device() == dev),
+                "lpips_fast backward: layer ", l, " has its features on ", f0s[l].device(),
+                ", saved norms on ", r0s[l].device(), " and ", r1s[l].device(),
+                (gmaps[l].has_value() ? ", the map's grad on " + gmaps[l]->device().str() : ""),
+                "; all must be on ", dev);
     TORCH_CHECK(f0s[l].scalar_type() == plan.dtype && f0s[l].size(0) == N,
                 "lpips_fast backward: all layers must share dtype and batch size");
     const int64_t P = f0s[l].size(2) * f0s[l].size(3);
@@ -238,8 +248,10 @@ inline BwdPlan plan_backward(const Tensor& grad_values,
     plan.g0s.push_back(grad_output(f0s[l], mask[0]));
     plan.g1s.push_back(grad_output(f1s[l], mask[1]));
     const auto aopts = f0s[l].options().dtype(plan.acc);
-    plan.gws.push_back(mask[2] && ws[l].has_value() ? new_output({f0s[l].size(1)}, aopts)
-                                                     : at::empty({0}, aopts));
+    // A batch of 0 sums nothing: its weight gradient is zero, not whatever memory held.
+    plan.gws.push_back(!(mask[2] && ws[l].has_value()) ? at::empty({0}, aopts)
+                       : N == 0 ? at::zeros({f0s[l].size(1)}, aopts)
+                                : new_output({f0s[l].size(1)}, aopts));
   }
   return plan;
 }

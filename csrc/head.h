@@ -21,8 +21,10 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/Half.h>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace lpips_fast {
 
@@ -91,6 +93,19 @@ C10_HOST_DEVICE inline A grad_n(A u, A wc, A x0, A x1, A a0, A a1) {
 template <typename A>
 C10_HOST_DEVICE inline A second_coef(A S, A r, A a) {
   return r > A(0) ? (S / r) * a * a : A(0);
+}
+
+// A feature gradient in the features' dtype. At an all-zero feature vector the gradient is
+// a0 G_c with a0 = 1/eps = 1e10: finite in float32, but past float16's range (65504). Float16
+// saturates to its largest finite value with the right sign, so the promise of a finite
+// gradient holds in every dtype (bfloat16 and wider hold 1e10 |G_c|).
+template <typename T, typename A>
+C10_HOST_DEVICE inline T grad_cast(A x) {
+  if constexpr (std::is_same<T, c10::Half>::value) {
+    const A m = A(65504);
+    x = x > m ? m : (x < -m ? -m : x);
+  }
+  return static_cast<T>(x);
 }
 
 // Upstream gradient of pixel p of sample n.

@@ -16,11 +16,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Inputs up to this many pixels per image take the all-layer head (one launch) even without
 # autograd: their features are small, so keeping all layers alive costs little memory.
 ONE_LAUNCH_MAX_PIXELS = 256 * 256
-# Inputs up to this many pixels per image run the pair through the backbone as one batch even
-# when only one of them needs gradients (a training loss: fewer, larger launches, at the price
-# of input gradients for both halves); larger ones take one pass per input, as upstream does.
-# 0 until measured on a GPU (benchmarks/gpu_tune.py, section A).
-BATCH_PASSES_MAX_PIXELS = 0
 
 
 class ScalingLayer(nn.Module):
@@ -222,10 +217,11 @@ class LPIPS(nn.Module):
 
     def _features(self, in0, in1):
         """Yield (f0, f1) per layer: one backbone pass over the pair when both inputs need
-        the same gradient mode or are small (BATCH_PASSES_MAX_PIXELS), two passes in step
-        otherwise (upstream's cost: no input gradient for the input that needs none)."""
-        if in0.requires_grad != in1.requires_grad and \
-                in0.shape[2] * in0.shape[3] > BATCH_PASSES_MAX_PIXELS:
+        the same gradient mode (fewer, larger convolutions), two passes in step otherwise
+        (no input gradient for the input that needs none). One pass for a training pair was
+        measured too: no faster for alex at 64x64, 1.6x slower for vgg at 256x256 (H100,
+        benchmarks/results/nvidia-h100-80gb-hbm3-tune.md)."""
+        if in0.requires_grad != in1.requires_grad:
             yield from zip(self.features(in0), self.features(in1))
             return
         n0 = in0.shape[0]

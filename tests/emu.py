@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "csrc/emu/emu.cpp"]
-DEPENDS = sorted((ROOT / "csrc").rglob("*.[ch]*"))  # the .cu and every header it includes
+# LPIPS_FAST_EMU_CSRC: another copy of csrc/ (tests/emu_mutants.py builds altered kernels)
+CSRC = Path(os.environ.get("LPIPS_FAST_EMU_CSRC", ROOT / "csrc"))
+SOURCES = [CSRC / "emu/emu.cpp"]
+DEPENDS = sorted(CSRC.rglob("*.[ch]*"))  # the .cu and every header it includes
 
 
 def _build():
@@ -24,7 +26,7 @@ def _build():
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="lpips_fast_emu", sources=[str(s) for s in SOURCES], build_directory=str(build),
-        extra_include_paths=[str(ROOT / "csrc")],
+        extra_include_paths=[str(CSRC)],
         # -O1: the suite is dominated by fiber switches, not arithmetic; -O1 compiles 2x faster.
         extra_cflags=["-O1", "-DLPIPS_FAST_EMU"], is_python_module=False,
         verbose=os.environ.get("LPIPS_FAST_EMU_VERBOSE") == "1")

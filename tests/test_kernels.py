@@ -271,6 +271,64 @@ def test_zero_vector_gradient_is_finite(device, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_zero_vector_gradient_is_finite_in_low_precision(device, dtype, layout):
+    """At an all-zero vector the gradient is a0 G_c with a0 = 1e10: past float16's range, so it
+    saturates at 65504 with the right sign; bfloat16 holds it (to its 8-bit mantissa)."""
+    shape = (2, 33, 4, 5)
+    f0, f1 = make_pair(shape, torch.float64, "cpu", "nchw", seed=32)
+    f1 = f1 + 0.1
+    f0[1, :, 2, 3] = 0
+    x0, x1 = f0.to(tdev(device), dtype), f1.to(tdev(device), dtype)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        x1 = x1.contiguous(memory_format=torch.channels_last)
+    x0.requires_grad_()
+    w = make_weight(shape[1], device)
+    value, _ = ops(device).head(x0, x1, w)
+    (g0,) = torch.autograd.grad(value.sum(), [x0])
+    assert g0.dtype == dtype and torch.isfinite(g0).all()
+    # expected at the zero vector, in float64 from the same rounded inputs
+    v1 = x1[1, :, 2, 3].double().cpu()
+    expected = (1 / R.EPS) * (1.0 / 20) * 2 * w.flatten().double().cpu() * (0 - v1 / v1.norm())
+    got = g0[1, :, 2, 3].double().cpu()
+    if dtype == torch.float16:
+        torch.testing.assert_close(got, expected.clamp(-65504, 65504), rtol=1e-3, atol=0)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_batch(device, layout):
+    """N = 0: empty values and feature gradients, and a weight gradient of zeros (a sum over
+    no pixels), never uninitialised memory."""
+    f0, f1 = make_pair((0, 7, 3, 4), torch.float32, device, layout)
+    f0 = f0.detach().requires_grad_()
+    w = make_weight(7, device).requires_grad_()
+    for _ in range(3):  # fresh allocations may reuse memory that held other numbers
+        torch.rand(1000, device=tdev(device))
+        value, dmap = ops(device).head(f0, f1, w, return_map=True)
+        g0, gw = torch.autograd.grad(value.sum() + dmap.sum(), [f0, w], allow_unused=True)
+        assert value.shape == (0,) and dmap.shape == (0, 1, 3, 4) and g0.shape == f0.shape
+        assert torch.equal(gw, torch.zeros_like(w)), gw
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_backward_device_mismatch_is_a_clear_error():
+    f0, f1, w = _opcheck_args("cuda")
+    _, _, r0, r1 = torch.ops.lpips_fast.head_forward(f0, f1, w, False)
+    gv = torch.ones(f0.shape[0])  # on the CPU, the features on the GPU
+    with pytest.raises(RuntimeError, match="grad of the values is on cpu"):
+        torch.ops.lpips_fast.head_backward(gv, None, f0, f1, w, r0, r1, [True, True, True])
+    with pytest.raises(RuntimeError, match="saved norms on cpu"):
+        torch.ops.lpips_fast.head_backward(gv.cuda(), None, f0, f1, w, r0.cpu(), r1,
+                                           [True, True, True])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "expand0"])
 @pytest.mark.parametrize("weighted", [True, False], ids=["lin", "sum"])
 def test_gradcheck_float64(device, layout, weighted):
@@ -446,7 +504,7 @@ def test_compile_fullgraph_cpu():
     f0 = f0.requires_grad_()
 
     def fn(a, b, wt):
-        v, d = ops(device).head(a, b, wt, return_map=True)
+        v, d = _ops.head(a, b, wt, return_map=True)
         return v.sum() + d.square().sum()
 
     torch._dynamo.reset()
@@ -464,7 +522,7 @@ def test_compile_fullgraph_inductor_cpu():
     f0, f1, w = _opcheck_args("cpu")
 
     def fn(a, b, wt):
-        values, _ = ops(device).head_all([a, a * 2], [b, b], [wt, None])
+        values, _ = _ops.head_all([a, a * 2], [b, b], [wt, None])
         return values.sum(0)
 
     torch._dynamo.reset()

@@ -278,8 +278,8 @@ void bwd_block_pixels(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
     for (int64_t i = 0; i < cnt; ++i) {
       const A v0 = static_cast<A>(x0[i]), v1 = static_cast<A>(x1[i]);
       const A g = grad_n(u[i], wc, v0, v1, a0[i], a1[i]);
-      if (o0 != nullptr) o0[i * d.gsP0] = static_cast<T>(a0[i] * g - S0[i] * v0);
-      if (o1 != nullptr) o1[i * d.gsP1] = static_cast<T>(S1[i] * v1 - a1[i] * g);
+      if (o0 != nullptr) o0[i * d.gsP0] = grad_cast<T>(a0[i] * g - S0[i] * v0);
+      if (o1 != nullptr) o1[i * d.gsP1] = grad_cast<T>(S1[i] * v1 - a1[i] * g);
     }
   }
 }
@@ -337,8 +337,8 @@ void bwd_block_channels(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
     for (int64_t c = 0; c < C; ++c) {
       const A v0 = static_cast<A>(x0[c * sC0]), v1 = static_cast<A>(x1[c * sC1]);
       const A g = grad_n(u, weight_at(d.w, c), v0, v1, a0, a1);
-      if (o0 != nullptr) o0[c * d.gsC0] = static_cast<T>(a0 * g - k0 * v0);
-      if (o1 != nullptr) o1[c * d.gsC1] = static_cast<T>(k1 * v1 - a1 * g);
+      if (o0 != nullptr) o0[c * d.gsC0] = grad_cast<T>(a0 * g - k0 * v0);
+      if (o1 != nullptr) o1[c * d.gsC1] = grad_cast<T>(k1 * v1 - a1 * g);
     }
   }
 }

@@ -266,8 +266,8 @@ template <typename T, typename A>
 __device__ __forceinline__ void store_grads(const LayerDesc<T, A>& d, int64_t n, int64_t c,
                                             int64_t p, A g, A v0, A v1, A a0, A a1, A k0,
                                             A k1) {
-  if (d.g0 != nullptr) d.g0[n * d.gsN0 + c * d.gsC0 + p * d.gsP0] = static_cast<T>(a0 * g - k0 * v0);
-  if (d.g1 != nullptr) d.g1[n * d.gsN1 + c * d.gsC1 + p * d.gsP1] = static_cast<T>(k1 * v1 - a1 * g);
+  if (d.g0 != nullptr) d.g0[n * d.gsN0 + c * d.gsC0 + p * d.gsP0] = grad_cast<T>(a0 * g - k0 * v0);
+  if (d.g1 != nullptr) d.g1[n * d.gsN1 + c * d.gsC1 + p * d.gsP1] = grad_cast<T>(k1 * v1 - a1 * g);
 }
 
 template <typename T, typename A, int R>
@@ -577,10 +577,7 @@ void backward_typed(BwdPlan& plan) {
   for (size_t l0 = 0; l0 < L; l0 += kMaxLayers) {
     const size_t nl = std::min<size_t>(kMaxLayers, L - l0);
     Group<T, A> grp(plan, l0, nl);
-    if (grp.g[0].N == 0) {  // nothing to sum: the weight gradients are zero
-      for (size_t i = 0; i < nl; ++i) plan.gws[l0 + i].zero_();
-      continue;
-    }
+    if (grp.g[0].N == 0) continue;  // (the weight gradients were allocated as zeros)
     int64_t wtotal = 0, wgx = 1, maxc = 1;
     for (size_t i = 0; i < nl; ++i) {
       auto& d = grp.g[i];
@@ -625,7 +622,7 @@ void backward_typed(BwdPlan& plan) {
 }
 
 void backward_cuda(BwdPlan& plan) {
-  const DeviceGuard guard(plan.gvalues.device());
+  const DeviceGuard guard(plan.v0[0].t.device());  // the features' device
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype,
                                   "lpips_fast_backward_cuda", [&] {
                                     using A = at::opmath_type<scalar_t>;

@@ -12,7 +12,7 @@
 //    divergent barrier is an error), and no thread may have exited before it.
 // Anything else is a deadlock. Shared memory (static, through LF_SHARED, and dynamic) is
 // NaN-filled per block and framed by guard bytes checked after the block. Errors name the
-// kernel, the block and the .cu line, and are thrown (as c10::Error) from the launch.
+// kernel, the block and the .cu file and line, and are thrown (as c10::Error) from the launch.
 //
 // Environment: LPIPS_FAST_EMU_ORDER=forward|reverse|random (threads and blocks; random uses
 // LPIPS_FAST_EMU_SEED). What this cannot show: speed, registers, occupancy, races between
@@ -50,10 +50,11 @@ extern dim3 g_thread_idx, g_block_idx, g_block_dim, g_grid_dim;
 enum class WarpOp { Sync, ShflXor, ShflIdx, ShflDown };
 
 // Blocks the calling fiber at a warp operation; returns the exchanged bytes (size bytes).
+// `where` is "file:line" of the call in the kernel source (errors name it).
 void warp_op(WarpOp op, unsigned mask, const void* value, void* result, int size, int arg,
-             int width, int line);
-void syncthreads(int line);
-void* shared_array(std::size_t bytes, int line);  // static __shared__ storage of the block
+             int width, const char* where);
+void syncthreads(const char* where);
+void* shared_array(std::size_t bytes, const char* where);  // static __shared__ storage
 void* dynamic_shared();                           // extern __shared__ storage of the block
 
 // Runs kernel(args...) over grid x block; throws c10::Error with what went wrong.
@@ -61,9 +62,9 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem,
               const std::function<void()>& body);
 
 template <typename T>
-T shfl_at(int line, WarpOp op, unsigned mask, T v, int arg, int width = 32) {
+T shfl_at(const char* where, WarpOp op, unsigned mask, T v, int arg, int width = 32) {
   T out;
-  warp_op(op, mask, &v, &out, sizeof(T), arg, width, line);
+  warp_op(op, mask, &v, &out, sizeof(T), arg, width, where);
   return out;
 }
 
@@ -74,12 +75,15 @@ T shfl_at(int line, WarpOp op, unsigned mask, T v, int arg, int width = 32) {
 #define blockDim (::lpips_emu::g_block_dim)
 #define gridDim (::lpips_emu::g_grid_dim)
 
-#define __syncthreads() ::lpips_emu::syncthreads(__LINE__)
+#define LF_EMU_STR2(x) #x
+#define LF_EMU_STR(x) LF_EMU_STR2(x)
+#define LF_EMU_WHERE __FILE__ ":" LF_EMU_STR(__LINE__)
+#define __syncthreads() ::lpips_emu::syncthreads(LF_EMU_WHERE)
 #define __syncwarp(mask) \
-  ::lpips_emu::warp_op(::lpips_emu::WarpOp::Sync, (mask), nullptr, nullptr, 0, 0, 32, __LINE__)
-#define __shfl_xor_sync(...) ::lpips_emu::shfl_at(__LINE__, ::lpips_emu::WarpOp::ShflXor, __VA_ARGS__)
-#define __shfl_sync(...) ::lpips_emu::shfl_at(__LINE__, ::lpips_emu::WarpOp::ShflIdx, __VA_ARGS__)
-#define __shfl_down_sync(...) ::lpips_emu::shfl_at(__LINE__, ::lpips_emu::WarpOp::ShflDown, __VA_ARGS__)
+  ::lpips_emu::warp_op(::lpips_emu::WarpOp::Sync, (mask), nullptr, nullptr, 0, 0, 32, LF_EMU_WHERE)
+#define __shfl_xor_sync(...) ::lpips_emu::shfl_at(LF_EMU_WHERE, ::lpips_emu::WarpOp::ShflXor, __VA_ARGS__)
+#define __shfl_sync(...) ::lpips_emu::shfl_at(LF_EMU_WHERE, ::lpips_emu::WarpOp::ShflIdx, __VA_ARGS__)
+#define __shfl_down_sync(...) ::lpips_emu::shfl_at(LF_EMU_WHERE, ::lpips_emu::WarpOp::ShflDown, __VA_ARGS__)
 
 // Device math that CUDA provides under these names (sqrtf, sqrt come from <cmath>).
 using std::max;
@@ -87,5 +91,5 @@ using std::min;
 
 // Shared memory and launches, as head_cuda.cu spells them (see csrc/cuda/launch.h).
 #define LF_SHARED(T, name, count) \
-  T* name = static_cast<T*>(::lpips_emu::shared_array(sizeof(T) * (count), __LINE__))
+  T* name = static_cast<T*>(::lpips_emu::shared_array(sizeof(T) * (count), LF_EMU_WHERE))
 #define LF_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::lpips_emu::dynamic_shared())

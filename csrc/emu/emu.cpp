@@ -74,7 +74,7 @@ struct Fiber {
 #endif
   std::vector<unsigned char> stack;
   State state = State::Runnable;
-  int line = 0;  // where it waits
+  const char* where = "";  // file:line where it waits
   // a pending warp operation
   WarpOp op = WarpOp::Sync;
   unsigned mask = 0;
@@ -98,7 +98,7 @@ struct Block {
   ucontext_t sched;
 #endif
   const std::function<void()>* body = nullptr;
-  std::map<int, SharedBuf> shared;  // static shared arrays by source line
+  std::map<std::string, SharedBuf> shared;  // static shared arrays by declaring file:line
   SharedBuf dynamic;
   std::string error;                // set by a fiber, thrown by the scheduler
 };
@@ -199,7 +199,7 @@ bool release_warp_ops(std::ostringstream& err) {
   for (int w0 = 0; w0 < n; w0 += 32) {
     const int w1 = std::min(n, w0 + 32);
     unsigned arrived = 0;
-    int line = -1;
+    const char* where = nullptr;
     bool blocked = true, any = false;
     for (int t = w0; t < w1; ++t) {
       const Fiber& f = g_block.fibers[t];
@@ -207,10 +207,10 @@ bool release_warp_ops(std::ostringstream& err) {
       if (f.state == State::AtWarpOp) {
         any = true;
         arrived |= 1u << (t - w0);
-        if (line >= 0 && f.line != line)
-          err << "lanes of warp " << w0 / 32 << " wait at warp operations on different lines ("
-              << line << " and " << f.line << ")";
-        line = f.line;
+        if (where != nullptr && std::strcmp(f.where, where) != 0)
+          err << "lanes of warp " << w0 / 32 << " wait at different warp operations (" << where
+              << " and " << f.where << ")";
+        where = f.where;
       }
     }
     if (!blocked || !any || !err.str().empty()) continue;
@@ -219,8 +219,7 @@ bool release_warp_ops(std::ostringstream& err) {
       if (f.state != State::AtWarpOp) continue;
       const int lane = t - w0;
       if (f.mask != arrived) {
-        err << "line " << f.line << ": lane " << lane << " of warp " << w0 / 32
-            << " passes mask 0x" << std::hex << f.mask << " but the lanes that arrive are 0x"
+        err << f.where << ": lane " << lane << " of warp " << w0 / 32 << " passes mask 0x" << std::hex << f.mask << " but the lanes that arrive are 0x"
             << arrived << std::dec;
         return false;
       }
@@ -237,8 +236,8 @@ bool release_warp_ops(std::ostringstream& err) {
       }
       if (f.op != WarpOp::Sync) {
         if (src >= w1 - w0 || !(arrived >> src & 1u)) {
-          err << "line " << f.line << ": lane " << lane << " of warp " << w0 / 32
-              << " reads lane " << src << ", which does not take part";
+          err << f.where << ": lane " << lane << " of warp " << w0 / 32 << " reads lane " << src
+              << ", which does not take part";
           return false;
         }
         std::memcpy(f.result, g_block.fibers[w0 + src].value, f.size);
@@ -253,22 +252,23 @@ bool release_warp_ops(std::ostringstream& err) {
 
 // Release the block barrier when every thread waits at it.
 bool release_barrier(std::ostringstream& err) {
-  int line = -1, done = 0;
+  const char* where = nullptr;
+  int done = 0;
   for (const Fiber& f : g_block.fibers) {
     if (f.state == State::Done) {
       ++done;
       continue;
     }
     if (f.state != State::AtBarrier) return false;
-    if (line >= 0 && f.line != line) {
-      err << "divergent __syncthreads: threads wait at lines " << line << " and " << f.line;
+    if (where != nullptr && std::strcmp(f.where, where) != 0) {
+      err << "divergent __syncthreads: threads wait at " << where << " and at " << f.where;
       return false;
     }
-    line = f.line;
+    where = f.where;
   }
-  if (line < 0) return false;
+  if (where == nullptr) return false;
   if (done > 0) {
-    err << "__syncthreads at line " << line << " reached after " << done
+    err << "__syncthreads at " << where << " reached after " << done
         << " thread(s) of the block exited";
     return false;
   }
@@ -281,8 +281,8 @@ std::string describe_states() {
   for (int t = 0; t < g_block.nthreads; ++t) {
     const Fiber& f = g_block.fibers[t];
     if (f.state == State::Done) continue;
-    s << " thread " << t << (f.state == State::AtBarrier ? " at __syncthreads" : " at warp op")
-      << " line " << f.line << ";";
+    s << " thread " << t << (f.state == State::AtBarrier ? " at __syncthreads " : " at warp op ")
+      << f.where << ";";
     if (s.tellp() > 400) break;
   }
   return s.str();
@@ -317,10 +317,10 @@ void run_block(const char* kernel, std::vector<int64_t> order_threads) {
 }  // namespace
 
 void warp_op(WarpOp op, unsigned mask, const void* value, void* result, int size, int arg,
-             int width, int line) {
+             int width, const char* where) {
   Fiber& f = self();
   if (size > 16 || width <= 0 || width > 32 || (width & (width - 1)) != 0) {
-    g_block.error = "line " + std::to_string(line) + ": bad warp operation (size " +
+    g_block.error = std::string(where) + ": bad warp operation (size " +
                     std::to_string(size) + ", width " + std::to_string(width) + ")";
     f.state = State::Done;
     to_scheduler();
@@ -330,24 +330,24 @@ void warp_op(WarpOp op, unsigned mask, const void* value, void* result, int size
   f.arg = arg;
   f.width = width;
   f.size = size;
-  f.line = line;
+  f.where = where;
   if (size > 0) std::memcpy(f.value, value, size);
   f.state = State::AtWarpOp;
   to_scheduler();
   if (size > 0) std::memcpy(result, f.result, size);
 }
 
-void syncthreads(int line) {
+void syncthreads(const char* where) {
   Fiber& f = self();
-  f.line = line;
+  f.where = where;
   f.state = State::AtBarrier;
   to_scheduler();
 }
 
-void* shared_array(std::size_t bytes, int line) {
-  auto it = g_block.shared.find(line);
+void* shared_array(std::size_t bytes, const char* where) {
+  auto it = g_block.shared.find(where);
   if (it == g_block.shared.end()) {
-    it = g_block.shared.emplace(line, SharedBuf{}).first;
+    it = g_block.shared.emplace(where, SharedBuf{}).first;
     fill_shared(it->second, bytes);
   }
   return it->second.data();
@@ -382,10 +382,10 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem,
     fill_shared(g_block.dynamic, smem);
     for (Fiber& f : g_block.fibers) start_fiber(f);
     run_block(kernel, ordering(nthreads, rng));
-    for (auto& [line, buf] : g_block.shared)
+    for (auto& [where, buf] : g_block.shared)
       TORCH_CHECK(guards_intact(buf), "lpips_fast emulation: ", kernel, " block (", g_block_idx.x,
-                  ", ", g_block_idx.y, "): shared array of line ", line, " (", buf.size,
-                  " bytes) written out of bounds");
+                  ", ", g_block_idx.y, "): the shared array declared at ", where, " (", buf.size,
+                  " bytes) was written out of bounds");
     TORCH_CHECK(guards_intact(g_block.dynamic), "lpips_fast emulation: ", kernel,
                 " wrote dynamic shared memory out of bounds (", smem, " bytes)");
   }
