@@ -60,6 +60,43 @@ def _broadcast(f0: torch.Tensor, f1: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return f0, f1
 
 
+def _flags(need, n: int) -> List[bool]:
+    """Per-layer needs_input_grad flags of a list argument (a bool or a list of bools)."""
+    return [bool(x) for x in need] if isinstance(need, (list, tuple)) else [bool(need)] * n
+
+
+def _graph_grads(f0s, f1s, weights, grad_values, grad_maps, needs):
+    """The first-order gradients as differentiable functions of the inputs, from the reference
+    math. A backward that records a graph (create_graph=True: gradient penalties,
+    meta-learning) needs them: the fused backward op has no derivative of its own. Returns
+    lists of gradients for f0s, f1s and weights (None where `needs` says none is wanted)."""
+    from . import reference
+    # Fresh aliases: the gradient wanted is the partial derivative of this op's outputs with
+    # respect to each input, while autograd.grad towards the inputs themselves would also
+    # follow the outer graph between them (in a model, layer k + 1's features come from layer
+    # k's). The aliases stay differentiable functions of the inputs.
+    n = len(f0s)
+    tensors = [t.view_as(t) if t is not None and t.requires_grad else t
+               for t in (*f0s, *f1s, *weights)]
+    f0s, f1s, weights = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+    outs, seeds = [], []
+    for f0, f1, w, gv, gm in zip(f0s, f1s, weights, grad_values, grad_maps):
+        value, dmap = reference.head(f0, f1, None if w is None or w.numel() == 0 else w,
+                                     return_map=gm is not None)
+        outs.append(value)
+        seeds.append(gv.to(value.dtype))
+        if gm is not None:
+            outs.append(dmap)
+            seeds.append(gm.reshape(dmap.shape).to(dmap.dtype))
+    flags = [need and t is not None and t.requires_grad for need, t in zip(needs, tensors)]
+    wanted = [t for t, f in zip(tensors, flags) if f]
+    got = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True)
+               if wanted else ())
+    res = [next(got) if f else None for f in flags]
+    res = [torch.zeros_like(t) if f and g is None else g for t, f, g in zip(tensors, flags, res)]
+    return res[:n], res[n:2 * n], res[2 * n:]
+
+
 def register(ns: str = "lpips_fast") -> None:
     """Fake kernels and autograd of the ops in torch.ops.<ns>: the extension's own, or the
     tests' CPU emulation of the CUDA kernels (lpips_fast_emu, tests/emu.py)."""
@@ -122,6 +159,9 @@ def register(ns: str = "lpips_fast") -> None:
             grad_value = r0.new_zeros(f0.shape[0])
         if not ctx.return_map or grad_map is None or grad_map.numel() == 0:
             grad_map = None
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            g0s, g1s, gws = _graph_grads([f0], [f1], [weight], [grad_value], [grad_map], mask)
+            return g0s[0], g1s[0], gws[0], None
         g0, g1, gw = ops.head_backward(
             grad_value, grad_map, f0, f1, weight, r0, r1, mask)
         return (g0 if mask[0] else None, g1 if mask[1] else None,
@@ -155,6 +195,10 @@ def register(ns: str = "lpips_fast") -> None:
         for i in range(nl):
             g = grad_maps[i] if (ctx.return_map and grad_maps is not None) else None
             gmaps.append(g if g is not None and g.numel() > 0 else None)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            flags = [f for k in range(3) for f in _flags(ctx.needs_input_grad[k], nl)]
+            g0s, g1s, gws = _graph_grads(f0s, f1s, weights, list(grad_values), gmaps, flags)
+            return g0s, g1s, [g if w.numel() > 0 else None for g, w in zip(gws, weights)], None
         g0s, g1s, gws = ops.head_all_backward(
             grad_values, gmaps, f0s, f1s, weights, r0s, r1s, mask)
         gw_out = nones

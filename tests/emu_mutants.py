@@ -100,8 +100,10 @@ def run_mutant(name, old, new, check, workdir):
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     text = out.stdout + out.stderr
-    why = next((line.strip() for line in text.splitlines()
-                if "lpips_fast emulation" in line or line.startswith(("E  ", "FAILED"))), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    why = next((line for line in lines if "lpips_fast emulation" in line or
+                line.startswith(("E  ", "FAILED")) or "Fatal Python error" in line),
+               lines[-1] if lines else f"exit code {out.returncode}")
     return out.returncode != 0, why[:160], time.time() - t0
 
 

@@ -222,3 +222,31 @@ def test_near_identical_inputs(emu, layout):
     value, _ = emu.head(f0, f1, w)
     ref, _ = R.head(f0.double(), f1.double(), w.double())
     assert ((value.double() - ref).abs() / ref).max().item() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_offsets_beyond_32_bits(emu, layout):
+    """Sample 1 starts 2^31 + 64 elements after sample 0, inside a sparse 8 GiB mapping of
+    which only the touched pages ever exist: an offset computed in 32 bits lands far outside
+    (and crashes, or reads other numbers), as it would on a GPU with a tensor that large."""
+    import mmap
+    c, h, w = 8, 3, 4
+    step = (1 << 31) + 64
+    try:
+        buf = mmap.mmap(-1, (step + c * h * w) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                        | getattr(mmap, "MAP_NORESERVE", 0))
+    except (OSError, ValueError, OverflowError) as e:
+        pytest.skip(f"no sparse 8 GiB mapping here: {e}")
+    flat = torch.frombuffer(buf, dtype=torch.float32)
+    strides = (step, h * w, w, 1) if layout == "nchw" else (step, 1, w * c, c)
+    f0 = flat.as_strided((2, c, h, w), strides)
+    f0.copy_(feature((2, c, h, w), torch.float32, "nchw", seed=17))
+    f1 = feature((2, c, h, w), torch.float32, layout, seed=18)
+    wt = weight(c)
+    gv, gm = upstream((2, c, h, w))
+    ref = reference(f0.contiguous(), f1, wt, gv, gm)
+    for name, ops in (("emu", emu), ("cpu", _ops)):
+        got = run(ops, f0, f1, wt, gv, gm)
+        for what, a, b in zip(["value", "map", "grad f0", "grad f1", "grad w"], got, ref):
+            close(a, b, 1e-4, 1e-5, f"{name} {what}")
+    del f0, flat

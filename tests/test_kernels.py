@@ -348,6 +348,31 @@ def test_gradcheck_float64(device, layout, weighted):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["lin", "sum"])
+def test_gradgradcheck_float64(device, layout, weighted):
+    """Second derivatives (create_graph=True: gradient penalties) through the fused ops, one
+    layer and all layers, values and maps: the backward then records the reference math."""
+    shape = (2, 5, 3, 2)
+    f0, f1 = make_pair(shape, torch.float64, device, layout, seed=43)
+    f0 = (f0 + 0.05).detach().requires_grad_()
+    f1 = (f1 + 0.05).detach().requires_grad_()
+    w = make_weight(shape[1], device, torch.float64).requires_grad_() if weighted else None
+    args = (f0, f1) + ((w,) if weighted else ())
+
+    def single(a, b, *wt):
+        return ops(device).head(a, b, wt[0] if wt else None, return_map=True)
+
+    def multi(a, b, *wt):
+        values, maps = ops(device).head_all([a, 2 * a], [b, b], [wt[0] if wt else None, None],
+                                            return_map=True)
+        return values, maps[0], maps[1]
+
+    for fn in (single, multi):
+        assert torch.autograd.gradgradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_head_all_float64(device):
     shapes = [(2, 4, 3, 2), (2, 6, 2, 2)]
     f0s = [(feats(s, torch.float64, device, seed=i) + 0.05).requires_grad_() for i, s in enumerate(shapes)]

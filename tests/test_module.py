@@ -151,3 +151,29 @@ def test_no_torchvision_at_run_time():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_second_order_gradients_match_the_reference_head(net, spatial, channels_last):
+    """A gradient penalty (the gradient of |dLPIPS/dx|^2) through the fused head equals the
+    one through the reference head, and is not zero (it once was, with a warning). The
+    fused ops' backward records the reference math when a graph is asked for, so the two agree
+    to float32 rounding of the same operations (1e-5 of the largest element)."""
+    results = []
+    for impl in ("fused", "reference"):
+        torch.manual_seed(0)
+        model = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, impl=impl,
+                                 spatial=spatial, channels_last=channels_last)
+        randomize_lins(model)
+        g = torch.Generator().manual_seed(1)
+        x = (torch.rand(2, 3, 48, 48, generator=g) * 2 - 1).requires_grad_()
+        y = torch.rand(2, 3, 48, 48, generator=g) * 2 - 1
+        (gx,) = torch.autograd.grad(model(x, y).sum(), [x], create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), [x])
+        results.append((gx.detach(), ggx))
+    (g1, gg1), (g2, gg2) = results
+    assert gg2.abs().max() > 0
+    for a, b in ((g1, g2), (gg1, gg2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
