@@ -166,7 +166,7 @@ def embed(model, x: torch.Tensor, normalize: bool = False) -> Embedding:
     features anyway. The lin layers' dropout (train mode) is not applied either: distances of
     embeddings are the eval-mode LPIPS.
     """
-    model._check_inputs(x, x)
+    model._check_inputs(x, x, names=("x", "x"))
     roots = sqrt_weights(model)
     size = tuple(x.shape[2:])
     layers = []

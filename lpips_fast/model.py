@@ -1,6 +1,9 @@
 """`LPIPS`: a drop-in for `lpips.LPIPS` 0.1.4 (same arguments, values, outputs, state_dict)."""
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 import warnings
 
 import torch
@@ -46,20 +49,27 @@ class NetLinLayer(nn.Module):
         return self.model(x)
 
 
-def parse_bytes(budget):
-    """None, a number of bytes, or a string such as '512MiB', '16GiB', '2GB'."""
-    if budget is None or isinstance(budget, (int, float)):
-        return budget
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-             "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
-    text = str(budget).strip().lower()
-    for unit, scale in units.items():
-        if text.endswith(unit):
-            try:
-                return float(text[:-len(unit)]) * scale
-            except ValueError:
-                break
-    raise ValueError(f"memory_budget must be bytes or a size like '16GiB', got {budget!r}")
+def parse_bytes(budget, what="memory_budget", minimum=1):
+    """None, or a size in whole bytes (at least `minimum`): a number, or a string such as
+    '512MiB', '16GiB', '2GB'. Smaller, infinite and unparsable sizes raise a ValueError."""
+    if budget is None:
+        return None
+    value = None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value = float(budget)
+    elif isinstance(budget, str):
+        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                 "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
+        text = budget.strip().lower()
+        unit = next((u for u in units if text.endswith(u)), None)
+        try:
+            value = float(text[:-len(unit)] if unit else text) * (units[unit] if unit else 1)
+        except ValueError:
+            value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{what} must be a size of at least {minimum} bytes, as a number or a "
+                         f"string such as '16GiB', got {budget!r}")
+    return int(value)
 
 
 def _fused_ops():
@@ -126,8 +136,9 @@ class LPIPS(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self.tile_size = tile_size
-        self.memory_budget = parse_bytes(memory_budget)
+        self.tile_size = tile_size          # validated by the properties below
+        self.memory_budget = memory_budget
+        self._range_checked = False
         self._head, self._head_all = _select_head(impl)
         self.scaling_layer = ScalingLayer()
         self.net = Backbone(self.pnet_type)
@@ -157,6 +168,28 @@ class LPIPS(nn.Module):
         if eval_mode:
             self.eval()
 
+    @property
+    def tile_size(self):
+        """Tile core size in input pixels, or None (see memory_budget)."""
+        return self._tile_size
+
+    @tile_size.setter
+    def tile_size(self, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                  or value < 1):
+            raise ValueError(f"tile_size must be a positive whole number of input pixels (or "
+                             f"None), got {value!r}")
+        self._tile_size = None if value is None else int(value)
+
+    @property
+    def memory_budget(self):
+        """Bytes the tiled forward may use, or None; set as a number or a string ('16GiB')."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value):
+        self._memory_budget = parse_bytes(value, "memory_budget")
+
     def _load_lins(self, path, verbose):
         if verbose:
             print(f"Loading model from: {path}")
@@ -173,6 +206,7 @@ class LPIPS(nn.Module):
 
     def forward(self, in0, in1, retPerLayer=False, normalize=False):
         self._check_inputs(in0, in1)
+        self._warn_if_out_of_range(in0, in1, normalize)
         in0, in1 = self.preprocess(in0, normalize), self.preprocess(in1, normalize)
         out_size = tuple(in0.shape[2:]) if self.spatial else None
         tile = self._tile(in0, in1)
@@ -210,8 +244,9 @@ class LPIPS(nn.Module):
         low = PRECISIONS[self.precision]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for block in self.net.slices():
-            with torch.autocast(x.device.type, dtype=low, enabled=low is not None):
+        for block in self.net.slices():  # (autocast knows no meta device: shapes only there)
+            with (contextlib.nullcontext() if x.device.type == "meta" else
+                  torch.autocast(x.device.type, dtype=low, enabled=low is not None)):
                 x = block(x)
             yield x
 
@@ -296,8 +331,30 @@ class LPIPS(nn.Module):
                         maps[k][..., y0 + a:y0 + b, x0 + c:x0 + d] = dmap
         return [((s / (h * w)).to(acc), m) for s, m, h, w in zip(sums, maps, hs, ws)]
 
-    def _check_inputs(self, in0, in1):
-        for name, x in (("in0", in0), ("in1", in1)):
+    def _warn_if_out_of_range(self, in0, in1, normalize):
+        """One warning per model when the first call's inputs are very likely in the wrong
+        range. Only the first call is looked at: the look costs a device sync. Never while
+        compiling or capturing a CUDA graph."""
+        if torch.compiler.is_compiling() or self._range_checked:
+            return
+        if in0.device.type == "meta" or 0 in (in0.numel(), in1.numel()) or (
+                in0.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        self._range_checked = True
+        lo = min(in0.min().item(), in1.min().item())
+        hi = max(in0.max().item(), in1.max().item())
+        if lo >= 0 and 1.5 < hi <= 255:
+            warnings.warn(f"lpips_fast: the inputs look like 0-255 pixel values (min {lo:g}, "
+                          f"max {hi:g}); LPIPS expects [-1, 1], or [0, 1] with "
+                          "normalize=True: divide by 255 and pass normalize=True",
+                          stacklevel=3)
+        elif lo >= 0 and hi <= 1 and not normalize:
+            warnings.warn(f"lpips_fast: the inputs are all in [0, 1] (min {lo:g}, max {hi:g}) "
+                          "but normalize=False, which means [-1, 1]; pass normalize=True if "
+                          "they are [0, 1] images", stacklevel=3)
+
+    def _check_inputs(self, in0, in1, names=("in0", "in1")):
+        for name, x in zip(names, (in0, in1)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
             if x.dim() != 4 or x.shape[1] != 3:
@@ -314,7 +371,8 @@ class LPIPS(nn.Module):
                              "(they must be equal, or one of them 1)")
         problem = too_small(self.pnet_type, *in0.shape[2:])
         if problem:
-            raise ValueError(f"in0 and in1: {problem}")
+            raise ValueError(f"{names[0] if names[0] == names[1] else ' and '.join(names)}: "
+                             f"{problem}")
 
 
 _cache: dict = {}

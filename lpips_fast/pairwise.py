@@ -56,6 +56,12 @@ _models: dict = {}
 
 # --- inputs -----------------------------------------------------------------------------------
 
+def _check_float(t: torch.Tensor, name: str) -> None:
+    """As LPIPS.forward: 8-bit images scored as numbers up to 255 would be silently wrong."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 class ImageSet:
     """The images of one side of a pairwise call, all of one size:
     - a tensor N x 3 x H x W;
@@ -73,6 +79,7 @@ class ImageSet:
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"{name} must be N x 3 x H x W (RGB), got shape "
                                  f"{tuple(images.shape)}")
+            _check_float(images, name)
             self.tensor, self.items = images, None
             self.size = tuple(images.shape[2:])
         else:
@@ -100,6 +107,7 @@ class ImageSet:
         if not (t.dim() == 3 and t.shape[0] == 3 or t.dim() == 4 and tuple(t.shape[:2]) == (1, 3)):
             raise ValueError(f"{name}[{i}] must be 3 x H x W or 1 x 3 x H x W (RGB), got "
                              f"shape {tuple(t.shape)}")
+        _check_float(t, f"{name}[{i}]")
         t = t if t.dim() == 4 else t[None]
         if self.size is not None and tuple(t.shape[2:]) != self.size:
             raise ValueError(
@@ -196,7 +204,7 @@ class PairwisePlan:
         if self.block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
         self.normalize = normalize
-        self.max_memory = parse_bytes(max_memory)
+        self.max_memory = parse_bytes(max_memory, "max_memory", minimum=0)
         self.spill_dir = spill_dir
         p = next(self.model.parameters(), None)
         self.dtype = p.dtype if p is not None else torch.float32

@@ -177,3 +177,72 @@ def test_second_order_gradients_match_the_reference_head(net, spatial, channels_
     assert gg2.abs().max() > 0
     for a, b in ((g1, g2), (gg1, gg2)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def test_tile_size_and_memory_budget_are_validated_wherever_set():
+    model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, memory_budget="256MiB",
+                             tile_size=512)
+    assert model.memory_budget == 256 * 2**20 and model.tile_size == 512
+    model.memory_budget = "1.5GiB"
+    assert model.memory_budget == int(1.5 * 2**30)
+    model.memory_budget, model.tile_size = 4096, None
+    assert (model.memory_budget, model.tile_size) == (4096, None)
+    for bad in (0, -1, "0MiB", "-2GiB", "lots", float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="memory_budget must be a size"):
+            model.memory_budget = bad
+        with pytest.raises(ValueError, match="memory_budget must be a size"):
+            lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, memory_budget=bad)
+    for bad in (0, -64, 1.5, "512", True):
+        with pytest.raises(ValueError, match="tile_size must be a positive whole number"):
+            model.tile_size = bad
+        with pytest.raises(ValueError, match="tile_size must be a positive whole number"):
+            lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, tile_size=bad)
+    assert model.memory_budget == 4096 and model.tile_size is None  # a refused value changes nothing
+
+
+@pytest.mark.parametrize("scale,normalize,expected", [
+    (255.0, False, "0-255 pixel values"), (255.0, True, "0-255 pixel values"),
+    (1.0, False, r"all in \[0, 1\]"), (1.0, True, None), ("pm1", False, None)])
+def test_inputs_in_a_likely_wrong_range_warn_once(scale, normalize, expected):
+    model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.rand(2, 1, 3, 64, 64, generator=g)
+    if scale == "pm1":
+        x0, x1 = x0 * 2 - 1, x1 * 2 - 1
+    else:
+        x0, x1 = x0 * scale, x1 * scale
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(x0, x1, normalize=normalize)
+        model(x0, x1, normalize=normalize)  # once per model
+    ours = [str(w.message) for w in seen if "lpips_fast: the inputs" in str(w.message)]
+    if expected is None:
+        assert ours == []
+    else:
+        assert len(ours) == 1 and __import__("re").search(expected, ours[0]), ours
+
+
+def test_meta_device():
+    """As with the official module: .to('meta') and shape-only forwards."""
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    for spatial, shape in ((False, (2, 1, 1, 1)), (True, (2, 1, 64, 64))):
+        model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, spatial=spatial)
+        out = model.to("meta")(x, x)
+        assert out.device.type == "meta" and out.shape == shape
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError,
+     "must be a floating-point tensor, got torch.uint8"),
+    (torch.zeros(2, 4, 64, 64), ValueError, r"must be N x 3 x H x W \(RGB\), got shape"),
+])
+def test_pairwise_and_embed_reject_what_forward_rejects(bad, error, message):
+    model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    with pytest.raises(error, match="in0 " + message):
+        model(bad, bad)
+    with pytest.raises(error, match="x " + message):
+        model.embed(bad)
+    with pytest.raises(error, match="x " + message):
+        lpips_fast.pairwise(bad, model=model)
+    with pytest.raises(error, match=r"x\[0\] must be"):  # a list of 3 x H x W images
+        lpips_fast.pairwise(list(bad), model=model)
