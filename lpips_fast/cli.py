@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 import sys
 import time
@@ -64,9 +65,13 @@ def cmd_weights(args) -> int:
     for net in nets:
         try:
             res, cached = weights.import_backbone(net, args.from_file)
-        except (weights.WeightsNotFound, OSError, ValueError, KeyError) as e:
+        except weights.WeightsNotFound as e:
             failed += 1
             print(f"{net:8s} NOT FOUND\n{e}\n")
+            continue
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            failed += 1  # a file refused, or a cache that cannot be written: one line
+            print(f"lpips-fast weights: {net}: {e}", file=sys.stderr)
             continue
         print(f"{net:8s} {res.source}: {res.location}\n{'':8s} cached as {cached} "
               f"(sha256 {weights.sha256(cached)[:16]}...)")

@@ -199,6 +199,10 @@ class LPIPS(nn.Module):
                        if key.startswith(f"lin{k}.model.") and key.endswith(".weight")]
             if len(matches) != 1:
                 raise KeyError(f"{path}: expected one weight for lin{k}, found {len(matches)}")
+            if matches[0].numel() != lin.weight.numel():
+                raise ValueError(f"{path}: lin{k} has {matches[0].numel()} channel weights, but "
+                                 f"{self.pnet_type}'s layer {k + 1} has {lin.weight.numel()} "
+                                 "channels (lin weights of another net?)")
             with torch.no_grad():
                 lin.weight.copy_(matches[0].reshape(lin.weight.shape))
 

