@@ -7,6 +7,8 @@ LPIPS module's (`net.slice2.3.weight`), and a torchvision checkpoint loads by a 
 """
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 from torch import nn
 
@@ -130,6 +132,14 @@ _MIN_SIZE = {name: next(s for s in range(1, 256) if min(feature_sizes(name, s)) 
              for name in NETS}
 
 
+# The official package's names for the slices' outputs (lpips/pretrained_networks.py).
+OUTPUTS = {
+    "alex": namedtuple("AlexnetOutputs", ["relu1", "relu2", "relu3", "relu4", "relu5"]),
+    "vgg": namedtuple("VggOutputs", ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]),
+    "squeeze": namedtuple("SqueezeOutputs", [f"relu{i}" for i in range(1, 8)]),
+}
+
+
 class Backbone(nn.Module):
     """Runs the slices in turn and returns the output of each (the LPIPS layers)."""
 
@@ -143,6 +153,7 @@ class Backbone(nn.Module):
                 block.add_module(str(i), _layer(specs[i]))
             setattr(self, f"slice{k}", block)
         self._init_like_torchvision(canonical(net))
+        self._outputs = OUTPUTS[canonical(net)]
 
     def _init_like_torchvision(self, net: str):
         """pnet_rand=True draws the same distributions as torchvision's untrained models
@@ -158,12 +169,14 @@ class Backbone(nn.Module):
     def slices(self):
         return [getattr(self, f"slice{k}") for k in range(1, self.n_slices + 1)]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor):
+        """Each slice's output, as the official package returns them: a named tuple
+        (`.relu1` ... for alex and squeeze, `.relu1_2` ... for vgg)."""
         outs = []
         for block in self.slices():
             x = block(x)
             outs.append(x)
-        return outs
+        return self._outputs(*outs)
 
 
 def from_torchvision(net: str, state_dict: dict) -> dict:

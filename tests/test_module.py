@@ -246,3 +246,19 @@ def test_pairwise_and_embed_reject_what_forward_rejects(bad, error, message):
         lpips_fast.pairwise(bad, model=model)
     with pytest.raises(error, match=r"x\[0\] must be"):  # a list of 3 x H x W images
         lpips_fast.pairwise(list(bad), model=model)
+
+
+@pytest.mark.parametrize("net,fields", [("alex", ("relu1", "relu5")), ("vgg", ("relu1_2", "relu5_3")),
+                                        ("squeeze", ("relu1", "relu7"))])
+def test_backbone_outputs_are_named_as_upstream(net, fields):
+    ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False)
+    theirs = official_like(ours, net=net)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ours.net(x), theirs.net(x)
+    assert type(a).__name__ == type(b).__name__ and a._fields == b._fields
+    assert (a._fields[0], a._fields[-1]) == fields
+    for name in a._fields:  # float32 convolutions, ours channels_last: 1e-5 of the largest
+        ref = getattr(b, name)
+        torch.testing.assert_close(getattr(a, name), ref, rtol=0,
+                                   atol=1e-5 * ref.abs().max().item())
