@@ -25,10 +25,10 @@ MUTANTS = [
     ("missing barrier: block reduction (after the shared store)",
      "  sm[threadIdx.x] = v;\n  __syncthreads();\n", "  sm[threadIdx.x] = v;\n", None),
     ("missing barrier: pixel lanes, norms read before all warps stored them",
-     "    __syncthreads();\n    A q0 = 0, q1 = 0;\n    for (int w = 0; w < W; ++w) {\n"
+     "    __syncthreads();\n    A q0 = 0, q1 = 0;\n    for (int w = w0; tg.active && w < w0 + tg.Wt; ++w) {\n"
      "      q0 += red[w * 32 + lane];\n      q1 += red[(W + w) * 32 + lane];\n    }\n"
      "    const A r0 = dev_sqrt(q0)",
-     "    A q0 = 0, q1 = 0;\n    for (int w = 0; w < W; ++w) {\n"
+     "    A q0 = 0, q1 = 0;\n    for (int w = w0; tg.active && w < w0 + tg.Wt; ++w) {\n"
      "      q0 += red[w * 32 + lane];\n      q1 += red[(W + w) * 32 + lane];\n    }\n"
      "    const A r0 = dev_sqrt(q0)", None),
     ("missing barrier: pixel lanes, shared memory reused while still being read",
@@ -37,9 +37,9 @@ MUTANTS = [
      "  if (lane == 0) red[warp] = bsum;\n  __syncthreads();\n",
      "  if (lane == 0) red[warp] = bsum;\n", None),
     ("divergent barrier (only the lanes holding a pixel)",
-     "    }\n    __syncthreads();  // red is reused by the next tile\n  }\n  if (warp == 0) {",
-     "    }\n    if (valid) __syncthreads();  // red is reused by the next tile\n  }\n"
-     "  if (warp == 0) {", None),
+     "        bsum += dv;\n      }\n    }\n    __syncthreads();  // red is reused by the next round\n",
+     "        bsum += dv;\n      }\n    }\n    if (valid) __syncthreads();  // red is reused by the next round\n",
+     None),
     ("half-warp shuffle with a full mask",
      "      const A dv = warp_allsum(dist[j]);",
      "      const A dv = lane < 16 ? warp_allsum(dist[j]) : A(0);", None),
@@ -52,12 +52,17 @@ MUTANTS = [
      "        if (d.dmap != nullptr) d.dmap[q] = dv;",
      "        if (d.dmap != nullptr && j < last) d.dmap[q] = dv;", None),
     ("off-by-one in the cached channel split (overflow loop starts one round early)",
-     "    for (int64_t c = warp + (int64_t)R * W; valid && c < d.C; c += W) {\n"
+     "    for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt) {\n"
      "      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);\n"
      "      s0 += a * a;",
-     "    for (int64_t c = warp + (int64_t)(R - 1) * W; valid && c < d.C; c += W) {\n"
+     "    for (int64_t c = tg.wg + (int64_t)(R - 1) * tg.Wt; valid && c < d.C; c += tg.Wt) {\n"
      "      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);\n"
      "      s0 += a * a;", None),
+    ("tile groups: a group reads another group's partial norms",
+     "    for (int w = w0; tg.active && w < w0 + tg.Wt; ++w) {\n      q0 += red[w * 32 + lane];\n"
+     "      q1 += red[(W + w) * 32 + lane];\n    }\n    const A r0 = dev_sqrt(q0)",
+     "    for (int w = 0; tg.active && w < tg.Wt; ++w) {\n      q0 += red[w * 32 + lane];\n"
+     "      q1 += red[(W + w) * 32 + lane];\n    }\n    const A r0 = dev_sqrt(q0)", None),
     ("32-bit offset (channel lanes' pixel base)",
      "    const T* b0 = d.f0 + n * d.sN0 + p0 * d.sP0;\n    const T* b1 = d.f1 + n * d.sN1 + p0 * d.sP1;\n"
      "    const int last = (int)min((int64_t)PX, pend - p0) - 1;\n    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)\n"

@@ -90,22 +90,43 @@ __device__ A block_sum(A v, A* sm) {
 // Forward
 // ------------------------------------------------------------------------------------------
 
+// A launch's pixel-lane blocks have the warps its widest layer needs (W); a narrower layer
+// needs Wt = ceil(C / R) warps per 32-pixel tile, so its block takes k = W / Wt tiles at once,
+// one per group of Wt warps (spare warps only keep the barriers). Without this, an all-layer
+// launch ran vgg's 64-channel layer with 16 warps per tile (2x slower at 2048x2048, H100).
+struct TileGroups {
+  int Wt, k, g, wg;  // warps per tile, tiles per round, this warp's group and rank in it
+  bool active;
+};
+
+__device__ __forceinline__ TileGroups tile_groups(int64_t C, int R, int W, int warp) {
+  TileGroups t;
+  t.Wt = (int)min((int64_t)W, max((int64_t)1, (C + R - 1) / R));
+  t.k = W / t.Wt;
+  t.g = warp / t.Wt;
+  t.wg = warp % t.Wt;
+  t.active = t.g < t.k;
+  return t;
+}
+
 template <typename T, typename A, int R>
 __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk, int W, A* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const TileGroups tg = tile_groups(d.C, R, W, warp);
+  const int w0 = tg.g * tg.Wt;  // the group's first warp
   const int64_t pbeg = blk * d.pix_per_block;
   const int64_t pend = min(d.P, pbeg + d.pix_per_block);
   A bsum = 0;
-  for (int64_t t0 = pbeg; t0 < pend; t0 += 32) {
-    const int64_t p = t0 + lane;
-    const bool valid = p < pend;
+  for (int64_t t = pbeg; t < pend; t += 32 * (int64_t)tg.k) {  // block-uniform rounds
+    const int64_t p = t + 32 * (int64_t)tg.g + lane;
+    const bool valid = tg.active && p < pend;
     const T* x0 = d.f0 + n * d.sN0 + (valid ? p : 0) * d.sP0;
     const T* x1 = d.f1 + n * d.sN1 + (valid ? p : 0) * d.sP1;
     A v0[R], v1[R];
     A s0 = 0, s1 = 0;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int64_t c = warp + (int64_t)i * W;
+      const int c = tg.wg + i * tg.Wt;
       v0[i] = v1[i] = A(0);
       if (valid && c < d.C) {
         v0[i] = ld<T, A>(x0 + c * d.sC0);
@@ -114,7 +135,7 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
       s0 += v0[i] * v0[i];
       s1 += v1[i] * v1[i];
     }
-    for (int64_t c = warp + (int64_t)R * W; valid && c < d.C; c += W) {
+    for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt) {
       const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
       s0 += a * a;
       s1 += b * b;
@@ -123,39 +144,48 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
     red[(W + warp) * 32 + lane] = s1;
     __syncthreads();
     A q0 = 0, q1 = 0;
-    for (int w = 0; w < W; ++w) {
+    for (int w = w0; tg.active && w < w0 + tg.Wt; ++w) {
       q0 += red[w * 32 + lane];
       q1 += red[(W + w) * 32 + lane];
     }
     const A r0 = dev_sqrt(q0), r1 = dev_sqrt(q1);
+    if (valid && tg.wg == 0) {  // stored now, so that they need no registers below
+      d.r0[n * d.P + p] = r0;
+      d.r1[n * d.P + p] = r1;
+    }
     const A a0 = inv_norm(r0), a1 = inv_norm(r1);
     A dsum = 0;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int64_t c = warp + (int64_t)i * W;
+      const int c = tg.wg + i * tg.Wt;
       if (c < d.C) dsum += dist_term(weight_at(d.w, c), v0[i], v1[i], a0, a1);
     }
-    for (int64_t c = warp + (int64_t)R * W; valid && c < d.C; c += W)
+    for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt)
       dsum += dist_term(weight_at(d.w, c), ld<T, A>(x0 + c * d.sC0), ld<T, A>(x1 + c * d.sC1), a0,
                         a1);
     __syncthreads();  // everyone has read the norms
     red[warp * 32 + lane] = dsum;
     __syncthreads();
-    if (warp == 0) {
+    if (tg.active && tg.wg == 0) {
       A dv = 0;
-      for (int w = 0; w < W; ++w) dv += red[w * 32 + lane];
+      for (int w = w0; w < w0 + tg.Wt; ++w) dv += red[w * 32 + lane];
       if (valid) {
-        d.r0[n * d.P + p] = r0;
-        d.r1[n * d.P + p] = r1;
         if (d.dmap != nullptr) d.dmap[n * d.P + p] = dv;
         bsum += dv;
       }
     }
-    __syncthreads();  // red is reused by the next tile
+    __syncthreads();  // red is reused by the next round
   }
-  if (warp == 0) {
+  // The block's partial: each group's lead warp sums its lanes, then the groups in order.
+  if (tg.active && tg.wg == 0) {
     bsum = warp_allsum(bsum);
-    if (lane == 0) d.partial[n * d.nblocks + blk] = bsum;
+    if (lane == 0) red[tg.g] = bsum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A sum = 0;
+    for (int g = 0; g < tg.k; ++g) sum += red[g];
+    d.partial[n * d.nblocks + blk] = sum;
   }
 }
 
@@ -273,11 +303,13 @@ __device__ __forceinline__ void store_grads(const LayerDesc<T, A>& d, int64_t n,
 template <typename T, typename A, int R>
 __device__ void bwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk, int W, A* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const TileGroups tg = tile_groups(d.C, R, W, warp);  // as in the forward
+  const int w0 = tg.g * tg.Wt;
   const int64_t pbeg = blk * d.pix_per_block;
   const int64_t pend = min(d.P, pbeg + d.pix_per_block);
-  for (int64_t t0 = pbeg; t0 < pend; t0 += 32) {
-    const int64_t p = t0 + lane;
-    const bool valid = p < pend;
+  for (int64_t t = pbeg; t < pend; t += 32 * (int64_t)tg.k) {  // block-uniform rounds
+    const int64_t p = t + 32 * (int64_t)tg.g + lane;
+    const bool valid = tg.active && p < pend;
     const int64_t pp = valid ? p : 0;
     const T* x0 = d.f0 + n * d.sN0 + pp * d.sP0;
     const T* x1 = d.f1 + n * d.sN1 + pp * d.sP1;
@@ -288,7 +320,7 @@ __device__ void bwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
     A s0 = 0, s1 = 0;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
-      const int64_t c = warp + (int64_t)i * W;
+      const int c = tg.wg + i * tg.Wt;
       v0[i] = v1[i] = A(0);
       if (valid && c < d.C) {
         v0[i] = ld<T, A>(x0 + c * d.sC0);
@@ -298,7 +330,7 @@ __device__ void bwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
         s1 += g * v1[i];
       }
     }
-    for (int64_t c = warp + (int64_t)R * W; valid && c < d.C; c += W) {
+    for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt) {
       const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
       const A g = grad_n(u, weight_at(d.w, c), a, b, a0, a1);
       s0 += g * a;
@@ -308,7 +340,7 @@ __device__ void bwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
     red[(W + warp) * 32 + lane] = s1;
     __syncthreads();
     A q0 = 0, q1 = 0;
-    for (int w = 0; w < W; ++w) {
+    for (int w = w0; tg.active && w < w0 + tg.Wt; ++w) {
       q0 += red[w * 32 + lane];
       q1 += red[(W + w) * 32 + lane];
     }
@@ -316,17 +348,17 @@ __device__ void bwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
     if (valid) {
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const int64_t c = warp + (int64_t)i * W;
+        const int c = tg.wg + i * tg.Wt;
         if (c < d.C)
           store_grads(d, n, c, p, grad_n(u, weight_at(d.w, c), v0[i], v1[i], a0, a1), v0[i], v1[i],
                       a0, a1, k0, k1);
       }
-      for (int64_t c = warp + (int64_t)R * W; c < d.C; c += W) {
+      for (int64_t c = tg.wg + (int64_t)R * tg.Wt; c < d.C; c += tg.Wt) {
         const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
         store_grads(d, n, c, p, grad_n(u, weight_at(d.w, c), a, b, a0, a1), a, b, a0, a1, k0, k1);
       }
     }
-    __syncthreads();  // red is reused by the next tile
+    __syncthreads();  // red is reused by the next round
   }
 }
 
