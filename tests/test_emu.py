@@ -250,3 +250,26 @@ def test_offsets_beyond_32_bits(emu, layout):
         for what, a, b in zip(["value", "map", "grad f0", "grad f1", "grad w"], got, ref):
             close(a, b, 1e-4, 1e-5, f"{name} {what}")
     del f0, flat
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["lin", "sum"])
+def test_narrow_layers_share_a_wide_launch(emu, weighted):
+    """NCHW layers of 16 and 64 channels launched with a 600-channel one: their blocks get the
+    wide layer's 16 warps, and take several 32-pixel tiles at once (one per group of warps),
+    with pixels for every group (20 x 21 = 420 pixels per sample)."""
+    f0s, f1s, ws = [], [], []
+    for i, c in enumerate([16, 64, 600]):
+        a, b = pair((2, c, 20, 21), torch.float32, "nchw", seed=60 + i)
+        f0s.append(a.detach().requires_grad_())
+        f1s.append(b)
+        ws.append(weight(c, seed=i) if weighted else None)
+    values, maps = emu.head_all(f0s, f1s, ws, return_map=True)
+    grads = torch.autograd.grad(values.sum() + sum((m * m).sum() for m in maps), f0s)
+    r0s = [f.detach().double().requires_grad_() for f in f0s]
+    ref = [R.head(a, b.double(), None if w is None else w.double(), return_map=True)
+           for a, b, w in zip(r0s, f1s, ws)]
+    ref_grads = torch.autograd.grad(sum(v.sum() + (m * m).sum() for v, m in ref), r0s)
+    for i, ((v, m), g, rg) in enumerate(zip(ref, grads, ref_grads)):
+        close(values[i], v, 1e-5, 0, f"value of layer {i}")
+        close(maps[i], m, 1e-4, 1e-5, f"map of layer {i}")
+        close(g, rg, 1e-4, 1e-5, f"gradient of layer {i}")

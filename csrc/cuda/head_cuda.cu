@@ -94,14 +94,20 @@ __device__ A block_sum(A v, A* sm) {
 // needs Wt = ceil(C / R) warps per 32-pixel tile, so its block takes k = W / Wt tiles at once,
 // one per group of Wt warps (spare warps only keep the barriers). Without this, an all-layer
 // launch ran vgg's 64-channel layer with 16 warps per tile (2x slower at 2048x2048, H100).
+// The block partition gives such a block k tiles per round (set_partition: the same function).
 struct TileGroups {
   int Wt, k, g, wg;  // warps per tile, tiles per round, this warp's group and rank in it
   bool active;
 };
 
+C10_HOST_DEVICE inline int tile_warps(int64_t C, int R, int W) {
+  const int64_t need = (C + R - 1) / R;
+  return (int)(need < 1 ? 1 : need > W ? W : need);
+}
+
 __device__ __forceinline__ TileGroups tile_groups(int64_t C, int R, int W, int warp) {
   TileGroups t;
-  t.Wt = (int)min((int64_t)W, max((int64_t)1, (C + R - 1) / R));
+  t.Wt = tile_warps(C, R, W);
   t.k = W / t.Wt;
   t.g = warp / t.Wt;
   t.wg = warp % t.Wt;
@@ -516,10 +522,11 @@ inline int cl_pixels() {
 }
 
 
-// Block partition: depends on the shapes (and the warps, derived from shapes) only.
+// Block partition: depends on the shapes (and the warps, derived from shapes) only. A block
+// round is W * px pixels on channel lanes, and k tiles of 32 on pixel lanes (TileGroups).
 template <typename Desc>
-void set_partition(Desc& d, int W, int px) {
-  const int64_t unit = d.chfast ? (int64_t)W * px : 32;  // pixels per block round
+void set_partition(Desc& d, int W, int px, int R) {
+  const int64_t unit = d.chfast ? (int64_t)W * px : 32 * (int64_t)(W / tile_warps(d.C, R, W));
   const int64_t tiles = (d.P + unit - 1) / unit;
   const int64_t per_sample = std::max<int64_t>(1, max_blocks_per_layer() / std::max<int64_t>(1, d.N));
   const int64_t tpb = (tiles + per_sample - 1) / per_sample;
@@ -543,7 +550,7 @@ struct Group {
     Wcl = cl_warps();
     px = cl_pixels();
     for (auto& d : g) {
-      set_partition(d, d.chfast ? Wcl : Wpl, px);
+      set_partition(d, d.chfast ? Wcl : Wpl, px, R);
       (d.chfast ? gx_cl : gx_pl) = std::max(d.chfast ? gx_cl : gx_pl, d.N * d.nblocks);
       maxn = std::max(maxn, d.N);
     }
