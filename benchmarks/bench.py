@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,6 +43,9 @@ def describe(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The commit under test: $LPIPS_FAST_COMMIT (gpu_check.sh sets it), else git's HEAD."""
+    if os.environ.get("LPIPS_FAST_COMMIT"):
+        return os.environ["LPIPS_FAST_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True).stdout.strip() or "unknown"

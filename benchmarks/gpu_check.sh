@@ -35,6 +35,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .gpu/home ] && export LPIPS_FAST_HOME="$PWD/.gpu/home"
 [ -d .gpu/real_pairs ] && export LPIPS_FAST_REAL_PAIRS="$PWD/.gpu/real_pairs"
+[ -f .gpu/commit ] && export LPIPS_FAST_COMMIT="$(cat .gpu/commit)"
 
 DEVICE=$($PYTHON -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
 SLUG=$(echo "$DEVICE" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9._-' '-' | sed 's/-*$//')
@@ -71,6 +72,7 @@ step() {  # step NAME TIMEOUT_S CMD...   (output in $RESDIR/logs/NAME.log)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   nvcc --version | tail -n 2
   $PYTHON -c "import lpips; print('official lpips', lpips.__file__)" 2>&1 | tail -n 1
+  echo "commit: ${LPIPS_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   echo "LPIPS_FAST_HOME=${LPIPS_FAST_HOME:-unset} LPIPS_FAST_REAL_PAIRS=${LPIPS_FAST_REAL_PAIRS:-unset}"
 } 2>&1 | tee "$RESDIR/env.txt"
 
