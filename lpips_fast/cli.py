@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import re
@@ -82,7 +83,7 @@ def cmd_weights(args) -> int:
 
 def cmd_pair(args) -> int:
     import torch
-    from lpips_fast.io import (check_min_size, load_image, mismatch_message, resize,
+    from lpips_fast.io import (check_scoring_size, load_image, mismatch_message, resize,
                                target_size)
     x0, x1 = load_image(args.a), load_image(args.b)
     s0, s1 = tuple(x0.shape[2:]), tuple(x1.shape[2:])
@@ -90,8 +91,7 @@ def cmd_pair(args) -> int:
     if size is None:
         _err(f"error: {mismatch_message(args.a, s0, args.b, s1)}")
         return 2
-    check_min_size(args.a, s0, args.net)
-    check_min_size(args.b, s1, args.net)
+    check_scoring_size(args.a, s0, args.b, s1, size, args.net)
     x0, x1 = resize(x0, size, args.resample), resize(x1, size, args.resample)
     dev = _device(args.device)
     model = _model(args)
@@ -705,6 +705,16 @@ def _positive(text):
     return v
 
 
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return v
+
+
 def _nonneg(text):
     v = int(text)
     if v < 0:
@@ -776,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--spatial-map", metavar="PNG",
                     help="write the per-pixel distance map as a heat map PNG with a colour scale, "
                          "at the first image's size (a .npy name saves the raw values)")
-    pr.add_argument("--map-max", type=float, metavar="V",
+    pr.add_argument("--map-max", type=_positive_float, metavar="V",
                     help="value at the top of the colour scale (default: the map's maximum)")
     model_args(pr)
     size_args(pr)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .pairwise import ImageSet
-from .io import (ImageError, check_min_size, image_size, mismatch_message, read_image, resize,
-                 target_size)
+from .io import (ImageError, check_scoring_size, image_size, mismatch_message, read_image,
+                 resize, target_size)
 
 # Files whose suffix is not one of these are not images for the folder modes (they are counted
 # and reported as ignored, never opened).
@@ -156,14 +156,11 @@ def default_workers() -> int:
     return min(8, max(1, (os.cpu_count() or 1) // 2))
 
 
-def scan_sizes(paths: Iterable[Path], net: str) -> dict[Path, tuple[int, int] | str]:
-    """Each file's (H, W) from its header, or the error message (missing, not an image,
-    too small for `net`)."""
+def scan_sizes(paths: Iterable[Path]) -> dict[Path, tuple[int, int] | str]:
+    """Each file's (H, W) from its header, or the error message (missing, not an image)."""
     def one(p):
         try:
-            size = image_size(p)
-            check_min_size(p, size, net)
-            return size
+            return image_size(p)
         except ImageError as e:
             return str(e)
     paths = list(dict.fromkeys(paths))
@@ -181,7 +178,7 @@ def plan_pairs(pairs: list[Pair], net: str, batch_size: int = 32, resize_policy:
     the given order) and cut into batches of at most `batch_size` indices into `ordered`, never
     across groups. Deterministic: a given input always gives the same order, also when resumed.
     """
-    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)], net)
+    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)])
     groups: dict[tuple[int, int], list[Pair]] = {}
     bad: list[Result] = []
     for pair in pairs:
@@ -193,6 +190,11 @@ def plan_pairs(pairs: list[Pair], net: str, batch_size: int = 32, resize_policy:
         if size is None:
             bad.append(Result(pair, error=mismatch_message(names(pair.path0), s0,
                                                            names(pair.path1), s1)))
+            continue
+        try:
+            check_scoring_size(pair.path0, s0, pair.path1, s1, size, net)
+        except ImageError as e:
+            bad.append(Result(pair, error=str(e)))
             continue
         groups.setdefault(size, []).append(pair)
     ordered = [(pair, size) for size, ps in groups.items() for pair in ps]
@@ -328,7 +330,7 @@ def plan_allpairs(pairs: list[Pair], done: set, net: str, block: int,
     images; items are in output order. The images of a group and its blocks do not depend on
     `done`, so a resumed run computes every value exactly as an uninterrupted one.
     """
-    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)], net)
+    sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)])
     bad: list[Result] = []
     grouped: dict[tuple[int, int], list[int]] = {}
     for pos, pair in enumerate(pairs):
@@ -337,10 +339,14 @@ def plan_allpairs(pairs: list[Pair], done: set, net: str, block: int,
             error = s0 if isinstance(s0, str) else s1
         else:
             size = target_size(s0, s1, resize_policy)
-            if size is not None:
-                grouped.setdefault(size, []).append(pos)
-                continue
-            error = mismatch_message(names(pair.path0), s0, names(pair.path1), s1)
+            try:
+                if size is not None:
+                    check_scoring_size(pair.path0, s0, pair.path1, s1, size, net)
+                    grouped.setdefault(size, []).append(pos)
+                    continue
+                error = mismatch_message(names(pair.path0), s0, names(pair.path1), s1)
+            except ImageError as e:
+                error = str(e)
         if pair.key not in done:
             bad.append(Result(pair, error=error))
     named: dict = {}

@@ -81,6 +81,9 @@ def read_image(path) -> tuple[np.ndarray, bool]:
     from PIL import Image
     path = Path(path)
     img = _open(path)
+    if getattr(img, "n_frames", 1) > 1:  # Pillow reads frame 0 unless told otherwise
+        note_once("frames", f"{path} has {img.n_frames} frames (an animation or a multi-page "
+                            "file); the first is scored (further such notes are not shown)")
     try:
         with img:
             img.load()
@@ -136,12 +139,18 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
 
 
-def check_min_size(path, size: tuple[int, int], net: str) -> None:
-    """Raise an ImageError if (H, W) is below what `net` can score."""
+def check_scoring_size(path0, size0, path1, size1, size, net: str) -> None:
+    """Raise an ImageError if a pair scored at `size` (H, W), after any --resize, is below
+    what `net` can score. Checked after resizing, not per file: to-first can enlarge a small
+    second image to a scorable size, and to-smaller can shrink two scorable ones below it."""
     from .backbones import too_small
     problem = too_small(net, *size)
-    if problem:
-        raise ImageError(f"{path}: {problem}")
+    if problem is None:
+        return
+    if tuple(size0) == tuple(size1) == tuple(size):
+        raise ImageError(f"{path0}: {problem}")
+    raise ImageError(f"{path0} and {path1}, resized to {size[1]} x {size[0]} (W x H): "
+                     f"{problem}")
 
 
 def target_size(size0, size1, policy: str):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .folders import UsageError
-from .io import check_min_size, mismatch_message, resize, target_size
+from .io import check_scoring_size, mismatch_message, resize, target_size
 
 
 def _av():
@@ -83,8 +83,7 @@ def score_video(ref, dist, model, *, device, batch_size=32, resize_policy="none"
         size = target_size(size0, size1, resize_policy)
         if size is None:
             raise UsageError(mismatch_message(ref, size0, dist, size1))
-        check_min_size(ref, size0, model.pnet_type)
-        check_min_size(dist, size1, model.pnet_type)
+        check_scoring_size(ref, size0, dist, size1, size, model.pnet_type)
         it0, it1 = frames(ref, c0, s0), frames(dist, c1, s1)
         index, done = 0, False
         with torch.inference_mode():
@@ -141,8 +140,7 @@ class VideoPairs:
             if size is None:
                 raise UsageError(mismatch_message(ref, self.size0, dist, self.size1))
             self.size = size
-            check_min_size(ref, self.size0, net)
-            check_min_size(dist, self.size1, net)
+            check_scoring_size(ref, self.size0, dist, self.size1, size, net)
             n0 = s0.frames or self._count(ref)
             n1 = s1.frames or self._count(dist)
             if n0 != n1:

@@ -437,3 +437,19 @@ def test_video_frame_by_frame(tmp_path, api):
     one_line_error(small, 2, "is 64 x 64 but", "small.mp4 is 64 x 48")
     one_line_error(missing, 2, "missing.mp4: no such file")
     one_line_error(bad, 2, "notvideo.mp4: not a video")
+
+
+def test_pair_checks_the_minimum_size_after_resizing_and_map_max(tmp_path):
+    image(tmp_path / "big.png", 1, size=(64, 64))
+    image(tmp_path / "small.png", 2, size=(16, 16))
+    image(tmp_path / "wide.png", 3, size=(100, 20))
+    image(tmp_path / "tall.png", 4, size=(20, 100))
+    ok, shrunk, *bad_max = run_many(
+        ("pair", tmp_path / "big.png", tmp_path / "small.png", "--resize", "to-first"),
+        ("pair", tmp_path / "wide.png", tmp_path / "tall.png", "--resize", "to-smaller"),
+        *[("pair", tmp_path / "big.png", tmp_path / "big.png", "--map-max", v)
+          for v in ("nan", "inf", "0", "-1", "x")])
+    assert ok.returncode == 0, ok.stderr
+    one_line_error(shrunk, 2, "resized to 20 x 20 (W x H): 20 x 20 pixels is too small")
+    for out in bad_max:
+        assert out.returncode == 2 and "--map-max" in out.stderr and "Traceback" not in out.stderr

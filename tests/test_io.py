@@ -155,11 +155,27 @@ def test_errors_are_one_line_and_name_the_file(tmp_path):
     assert isinstance(io.ImageError("x"), ValueError)
 
 
-def test_min_size_message():
+def test_min_size_is_checked_after_resizing():
     with pytest.raises(io.ImageError, match=r"f.png: 1 x 1 pixels is too small for net 'alex', "
                                             r"which needs at least 31 x 31"):
-        io.check_min_size("f.png", (1, 1), "alex")
-    io.check_min_size("f.png", (31, 31), "alex")
+        io.check_scoring_size("f.png", (1, 1), "g.png", (1, 1), (1, 1), "alex")
+    io.check_scoring_size("f.png", (31, 31), "g.png", (31, 31), (31, 31), "alex")
+    # to-first enlarges a small second image: scorable
+    io.check_scoring_size("big.png", (64, 64), "small.png", (8, 8), (64, 64), "alex")
+    # to-smaller shrinks two scorable images below the minimum: not
+    with pytest.raises(io.ImageError, match=r"a.png and b.png, resized to 20 x 20 \(W x H\): "
+                                            r"20 x 20 pixels is too small"):
+        io.check_scoring_size("a.png", (20, 100), "b.png", (100, 20), (20, 20), "alex")
+
+
+def test_multi_frame_files_say_the_first_frame_is_scored(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    frames = [Image.new("RGB", (40, 40), (i * 60, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    monkeypatch.setattr(io, "_noted", set())
+    x = io.load_image(tmp_path / "anim.gif")
+    assert x.shape == (1, 3, 40, 40)
+    assert "anim.gif has 3 frames" in capsys.readouterr().err
 
 
 def test_resize_policies():
