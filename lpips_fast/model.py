@@ -345,8 +345,9 @@ class LPIPS(nn.Module):
                 in0.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         self._range_checked = True
-        lo = min(in0.min().item(), in1.min().item())
-        hi = max(in0.max().item(), in1.max().item())
+        lo0, lo1, hi0, hi1 = torch.stack([t.double() for t in (in0.min(), in1.min(), in0.max(),
+                                                              in1.max())]).tolist()
+        lo, hi = min(lo0, lo1), max(hi0, hi1)
         if lo >= 0 and 1.5 < hi <= 255:
             warnings.warn(f"lpips_fast: the inputs look like 0-255 pixel values (min {lo:g}, "
                           f"max {hi:g}); LPIPS expects [-1, 1], or [0, 1] with "

@@ -9,8 +9,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 # LPIPS_FAST_EMU_CSRC: another copy of csrc/ (tests/emu_mutants.py builds altered kernels)
 CSRC = Path(os.environ.get("LPIPS_FAST_EMU_CSRC", ROOT / "csrc"))
@@ -43,5 +41,3 @@ else:
         emu_ops = _build()
     except Exception as e:  # reported by the tests that need it (they fail, not skip, in CI)
         emu_error = f"{type(e).__name__}: {e}"
-
-assert torch  # (imported for the side effect of loading torch before the extension)

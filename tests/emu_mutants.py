@@ -50,7 +50,7 @@ MUTANTS = [
      "grp.Wpl * 32,\n             grp.Wpl * 32 * sizeof(A), stream, ds);", None),
     ("unwritten output (the map at each group's last pixel)",
      "        if (d.dmap != nullptr) d.dmap[q] = dv;",
-     "        if (d.dmap != nullptr && j < last) d.dmap[q] = dv;", None),
+     "        if (d.dmap != nullptr && j < px.last) d.dmap[q] = dv;", None),
     ("off-by-one in the cached channel split (overflow loop starts one round early)",
      "    for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt) {\n"
      "      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);\n"
@@ -64,17 +64,14 @@ MUTANTS = [
      "    for (int w = 0; tg.active && w < tg.Wt; ++w) {\n      q0 += red[w * 32 + lane];\n"
      "      q1 += red[(W + w) * 32 + lane];\n    }\n    const A r0 = dev_sqrt(q0)", None),
     ("32-bit offset (channel lanes' pixel base)",
-     "    const T* b0 = d.f0 + n * d.sN0 + p0 * d.sP0;\n    const T* b1 = d.f1 + n * d.sN1 + p0 * d.sP1;\n"
-     "    const int last = (int)min((int64_t)PX, pend - p0) - 1;\n    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)\n"
-     "    A s0[PX], s1[PX], dist[PX];",
-     "    const T* b0 = d.f0 + (int32_t)(n * d.sN0 + p0 * d.sP0);\n    const T* b1 = d.f1 + (int32_t)(n * d.sN1 + p0 * d.sP1);\n"
-     "    const int last = (int)min((int64_t)PX, pend - p0) - 1;\n    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)\n"
-     "    A s0[PX], s1[PX], dist[PX];", None),
+     "      : b0(d.f0 + n * d.sN0 + p0 * d.sP0),\n        b1(d.f1 + n * d.sN1 + p0 * d.sP1),",
+     "      : b0(d.f0 + (int32_t)(n * d.sN0 + p0 * d.sP0)),\n"
+     "        b1(d.f1 + (int32_t)(n * d.sN1 + p0 * d.sP1)),", None),
     ("wrong chunk index (weight-gradient partials stored transposed)",
      "  if (threadIdx.x == 0) d.wpartial[chunk * d.C + c] = s;",
      "  if (threadIdx.x == 0) d.wpartial[c * d.wchunks + chunk] = s;", None),
     ("channel lanes write past their pixel range",
-     "      if (lane == 0 && j <= last) {", "      if (lane == 0) {", None),
+     "      if (lane == 0 && j <= px.last) {", "      if (lane == 0) {", None),
     ("block over the device limit (the warp cap forgotten: 35 warps at C = 1100)",
      "  return (int)std::min<int64_t>(kMaxWarps, need);", "  return (int)need;", None),
     ("grid dimension over its limit (weight-gradient chunks on y, at most 65535)",

@@ -206,6 +206,30 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   fwd_pixel_lanes<T, A, R>(d, n, blk, blockDim.x >> 5, red);
 }
 
+// The PX pixels a channel-lane warp takes from p0: the two base pointers and each pixel's
+// offset from them (past the block's end: the last pixel again, so that every lane loads
+// alike; `last` says which results count).
+template <typename T, int PX>
+struct ClPixels {
+  const T* b0;
+  const T* b1;
+  int last;
+  int o0[PX], o1[PX];
+
+  template <typename A>
+  __device__ __forceinline__ ClPixels(const LayerDesc<T, A>& d, int64_t n, int64_t p0,
+                                      int64_t pend)
+      : b0(d.f0 + n * d.sN0 + p0 * d.sP0),
+        b1(d.f1 + n * d.sN1 + p0 * d.sP1),
+        last((int)min((int64_t)PX, pend - p0) - 1) {
+#pragma unroll
+    for (int j = 0; j < PX; ++j) {
+      o0[j] = min(j, last) * (int)d.sP0;
+      o1[j] = min(j, last) * (int)d.sP1;
+    }
+  }
+};
+
 // Channel lanes (channels contiguous, sC = 1): a warp takes PX pixels at once; lane =
 // channel (c = lane + 32 i, coalesced along each pixel's channel vector). Pass 1 sums the
 // squares of all its pixels' channels (independent loads: many bytes in flight per warp), the
@@ -226,22 +250,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int64_t pend = min(d.P, pbeg + d.pix_per_block);
   A bsum = 0;
   for (int64_t p0 = pbeg + (int64_t)warp * PX; p0 < pend; p0 += (int64_t)W * PX) {
-    const T* b0 = d.f0 + n * d.sN0 + p0 * d.sP0;
-    const T* b1 = d.f1 + n * d.sN1 + p0 * d.sP1;
-    const int last = (int)min((int64_t)PX, pend - p0) - 1;
-    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)
+    const ClPixels<T, PX> px(d, n, p0, pend);
     A s0[PX], s1[PX], dist[PX];
 #pragma unroll
-    for (int j = 0; j < PX; ++j) {
-      o0[j] = min(j, last) * (int)d.sP0;
-      o1[j] = min(j, last) * (int)d.sP1;
-      s0[j] = s1[j] = dist[j] = A(0);
-    }
+    for (int j = 0; j < PX; ++j) s0[j] = s1[j] = dist[j] = A(0);
 #pragma unroll 1
     for (int c = lane; c < C; c += 32) {
 #pragma unroll
       for (int j = 0; j < PX; ++j) {
-        const A a = ld<T, A>(b0 + o0[j] + c), b = ld<T, A>(b1 + o1[j] + c);
+        const A a = ld<T, A>(px.b0 + px.o0[j] + c), b = ld<T, A>(px.b1 + px.o1[j] + c);
         s0[j] += a * a;
         s1[j] += b * b;
       }
@@ -256,14 +273,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       const A wc = weight_at(d.w, c);
 #pragma unroll
       for (int j = 0; j < PX; ++j)
-        dist[j] += dist_term(wc, ld<T, A>(b0 + o0[j] + c), ld<T, A>(b1 + o1[j] + c),
+        dist[j] += dist_term(wc, ld<T, A>(px.b0 + px.o0[j] + c), ld<T, A>(px.b1 + px.o1[j] + c),
                              inv_norm(s0[j]), inv_norm(s1[j]));
     }
 #pragma unroll
     for (int j = 0; j < PX; ++j) {
       const A dv = warp_allsum(dist[j]);
       const int64_t q = n * d.P + p0 + j;
-      if (lane == 0 && j <= last) {
+      if (lane == 0 && j <= px.last) {
         d.r0[q] = s0[j];
         d.r1[q] = s1[j];
         if (d.dmap != nullptr) d.dmap[q] = dv;
@@ -395,17 +412,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   const int64_t pbeg = blk * d.pix_per_block;
   const int64_t pend = min(d.P, pbeg + d.pix_per_block);
   for (int64_t p0 = pbeg + (int64_t)warp * PX; p0 < pend; p0 += (int64_t)W * PX) {
-    const T* b0 = d.f0 + n * d.sN0 + p0 * d.sP0;
-    const T* b1 = d.f1 + n * d.sN1 + p0 * d.sP1;
-    const int last = (int)min((int64_t)PX, pend - p0) - 1;
-    int o0[PX], o1[PX];  // pixel offsets within the group (past the end: the last)
+    const ClPixels<T, PX> px(d, n, p0, pend);
     A u[PX], r0[PX], r1[PX], s0[PX], s1[PX];
 #pragma unroll
     for (int j = 0; j < PX; ++j) {
-      const int64_t q = n * d.P + p0 + min(j, last);
-      o0[j] = min(j, last) * (int)d.sP0;
-      o1[j] = min(j, last) * (int)d.sP1;
-      u[j] = upstream(d.gvalue, d.gmap, n, p0 + min(j, last), d.P);
+      const int64_t q = n * d.P + p0 + min(j, px.last);
+      u[j] = upstream(d.gvalue, d.gmap, n, p0 + min(j, px.last), d.P);
       r0[j] = d.r0[q];
       r1[j] = d.r1[q];
       s0[j] = s1[j] = A(0);
@@ -415,7 +427,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       const A wc = weight_at(d.w, c);
 #pragma unroll
       for (int j = 0; j < PX; ++j) {
-        const A a = ld<T, A>(b0 + o0[j] + c), b = ld<T, A>(b1 + o1[j] + c);
+        const A a = ld<T, A>(px.b0 + px.o0[j] + c), b = ld<T, A>(px.b1 + px.o1[j] + c);
         const A g = grad_n(u[j], wc, a, b, inv_norm(r0[j]), inv_norm(r1[j]));
         s0[j] += g * a;
         s1[j] += g * b;
@@ -431,8 +443,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       const A wc = weight_at(d.w, c);
 #pragma unroll
       for (int j = 0; j < PX; ++j) {
-        if (j > last) continue;  // warp-uniform
-        const A a = ld<T, A>(b0 + o0[j] + c), b = ld<T, A>(b1 + o1[j] + c);
+        if (j > px.last) continue;  // warp-uniform
+        const A a = ld<T, A>(px.b0 + px.o0[j] + c), b = ld<T, A>(px.b1 + px.o1[j] + c);
         const A a0 = inv_norm(r0[j]), a1 = inv_norm(r1[j]);
         store_grads(d, n, c, p0 + j, grad_n(u[j], wc, a, b, a0, a1), a, b, a0, a1, s0[j], s1[j]);
       }
