@@ -1,24 +1,19 @@
-"""Scoring many image pairs: listing and pairing folders, loading, batching, resumable CSVs.
-
-The pieces are separate so that each can change alone:
+"""The image-folder pieces of the batch jobs (`lpips_fast.jobs` runs them):
 
 - `list_images`, `match_by_name`, `all_pairs` enumerate `Pair`s (pure, sorted, deterministic);
-- `score_pairs` turns pairs into distances: header scan, size policy, batches of one size,
-  a DataLoader with worker processes, the model;
-- `CsvRows` writes rows as they come (flushed per batch) and resumes an existing file.
+- `plan_pairs` / `plan_allpairs` order them from the image headers alone (size policy, batches
+  of one size, failures known before any decoding);
+- `pair_loader`, `score_batch`, `AllPairsScorer` load (DataLoader workers) and score them.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 
 from .pairwise import ImageSet
@@ -52,8 +47,10 @@ class Result:
 
 # --- enumeration ------------------------------------------------------------------------------
 
-def list_images(root, recursive: bool = False) -> tuple[list[str], list[str]]:
-    """Image files under `root` as sorted relative POSIX names, and the non-image names ignored.
+def list_images(root, recursive: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """Image files under `root` as sorted relative POSIX names, the non-image names ignored, and
+    (with `recursive`) the linked folders skipped: they are not followed, as a link to a parent
+    would loop and a link to a sibling would count its images twice.
 
     Hidden files and folders (a name starting with '.') are skipped.
     """
@@ -62,10 +59,23 @@ def list_images(root, recursive: bool = False) -> tuple[list[str], list[str]]:
         raise UsageError(f"{root}: no such directory")
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
-    names, ignored = [], []
-    walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+    names, ignored, skipped = [], [], []
+
+    def refuse(e):  # os.walk's onerror: an unreadable folder is the user's to know about
+        raise UsageError(f"{e.filename}: cannot list the folder ({e.strerror})")
+    try:
+        walker = (os.walk(root, onerror=refuse) if recursive
+                  else [(str(root), [], os.listdir(root))])
+    except OSError as e:
+        raise UsageError(f"{root}: cannot list the folder ({e.strerror})") from None
     for dirpath, dirnames, filenames in walker:
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            full = Path(dirpath) / d
+            (skipped if full.is_symlink() else keep).append(full)
+        dirnames[:] = [d.name for d in keep]
         for f in filenames:
             if f.startswith("."):
                 continue
@@ -74,7 +84,8 @@ def list_images(root, recursive: bool = False) -> tuple[list[str], list[str]]:
                 continue
             rel = full.relative_to(root).as_posix()
             (names if full.suffix.lower() in IMAGE_SUFFIXES else ignored).append(rel)
-    return sorted(names), sorted(ignored)
+    skipped = [p.relative_to(root).as_posix() + "/" for p in skipped]
+    return sorted(names), sorted(ignored), sorted(skipped)
 
 
 def _stem_key(name: str) -> str:
@@ -225,28 +236,6 @@ def score_batch(model, device, loaded) -> list[tuple[int, float | None, str | No
             d = model(x0.to(device, non_blocking=True), x1.to(device, non_blocking=True))
         out += [(i, float(v), None) for i, v in zip(idx, d.flatten().float().cpu().tolist())]
     return sorted(out, key=lambda t: t[0])
-
-
-def score_pairs(pairs: list[Pair], model, *, device, batch_size: int = 32, workers: int = 0,
-                resize_policy: str = "none", resample: str = "bicubic",
-                names: Callable[[Path], str] = str, note: Callable[[str, str], None] | None = None
-                ) -> Iterator[list[Result]]:
-    """LPIPS distances of `pairs` with `model`, yielded as lists of Results, batch by batch.
-
-    Pairs whose files cannot be scored come back as Results with an error (one line naming the
-    file). Order: see `plan_pairs`. `names` turns a path into the name used in messages.
-    """
-    bad, ordered, batches = plan_pairs(pairs, model.pnet_type, batch_size, resize_policy, names)
-    if bad:
-        yield bad
-    if not ordered:
-        return
-    for loaded in pair_loader(ordered, batches, device=device, workers=workers,
-                              resample=resample):
-        if note and loaded[4]:
-            note("alpha", loaded[4][0])
-        yield [Result(ordered[i][0], value=v, error=e)
-               for i, v, e in score_batch(model, device, loaded)]
 
 
 # --- all pairs of a folder: one backbone pass per image ----------------------------------------
@@ -410,82 +399,3 @@ class AllPairsScorer:
         if self._plan is not None:
             self._plan.close()
         self._group, self._plan, self._images = None, None, None
-
-
-# --- CSV output -------------------------------------------------------------------------------
-
-def format_value(v: float) -> str:
-    return f"{v:.8g}"
-
-
-class CsvRows:
-    """Rows written as they come and flushed per batch; `path=None` writes to stdout.
-
-    With `resume`, an existing file's complete rows are kept (a half-written last line from an
-    interrupted run is cut off), its header must match, and `done` holds their keys.
-    """
-
-    def __init__(self, path, header: list[str], key_columns: int, resume: bool = False):
-        self.path, self.header, self.nkey = (Path(path) if path else None), header, key_columns
-        self.done: set = set()
-        self.values: list[float] = []
-        self.written = 0
-        if self.path is None:
-            if resume:
-                raise UsageError("--resume needs an output file (-o FILE)")
-            self.file = sys.stdout
-            self._writer().writerow(header)
-            return
-        if self.path.is_dir():
-            raise UsageError(f"{self.path}: is a directory (give -o a file name)")
-        if resume and self.path.exists() and self.path.stat().st_size > 0:
-            self._load_existing()
-            self.file = open(self.path, "a", newline="", encoding="utf-8")
-        else:
-            if not self.path.parent.exists():
-                raise UsageError(f"{self.path.parent}: no such directory for the output file")
-            self.file = open(self.path, "w", newline="", encoding="utf-8")
-            self._writer().writerow(header)
-            self.file.flush()
-
-    def _writer(self):
-        return csv.writer(self.file, lineterminator="\n")
-
-    def _load_existing(self):
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):  # a row cut short by the interruption: drop it
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-        rows = list(csv.reader(data.decode("utf-8").splitlines()))
-        if not rows or rows[0] != self.header:
-            raise UsageError(f"{self.path}: cannot resume: its header is "
-                             f"{','.join(rows[0]) if rows else '(empty)'}, this command writes "
-                             f"{','.join(self.header)}")
-        for row in rows[1:]:
-            if len(row) != len(self.header):
-                continue
-            self.done.add(tuple(row[:self.nkey]))
-            self.values.append(float(row[-1]))
-
-    def write(self, rows: list[list]) -> None:
-        w = self._writer()
-        for row in rows:
-            w.writerow(row)
-            self.values.append(float(row[-1]))
-        self.written += len(rows)
-        self.file.flush()
-
-    def close(self):
-        if self.file is not sys.stdout:
-            self.file.close()
-
-
-def summary(values: list[float]) -> dict:
-    """count, mean, std (population, ddof=0), min, max of the rows' values."""
-    if not values:
-        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
-    a = np.asarray(values, dtype=np.float64)
-    return {"count": int(a.size), "mean": float(a.mean()), "std": float(a.std()),
-            "min": float(a.min()), "max": float(a.max())}

@@ -63,61 +63,6 @@ def frames(path, container, stream) -> Iterator[tuple[float, torch.Tensor]]:
         raise UsageError(f"{path}: decoding failed ({e})") from None
 
 
-def score_video(ref, dist, model, *, device, batch_size=32, resize_policy="none",
-                resample="bicubic") -> Iterator[list[tuple[int, float, float]]]:
-    """(frame index, time, LPIPS) rows, a batch at a time. A frame-count or size mismatch is a
-    UsageError (raised before any work where the containers know their frame counts)."""
-    c0, s0 = open_video(ref)
-    try:
-        c1, s1 = open_video(dist)
-    except UsageError:
-        c0.close()
-        raise
-    try:
-        size0 = (s0.codec_context.height, s0.codec_context.width)
-        size1 = (s1.codec_context.height, s1.codec_context.width)
-        n0, n1 = s0.frames, s1.frames
-        if n0 and n1 and n0 != n1:
-            raise UsageError(f"{ref} has {n0} frames but {dist} has {n1}: "
-                             "frame-by-frame scoring needs the same number")
-        size = target_size(size0, size1, resize_policy)
-        if size is None:
-            raise UsageError(mismatch_message(ref, size0, dist, size1))
-        check_scoring_size(ref, size0, dist, size1, size, model.pnet_type)
-        it0, it1 = frames(ref, c0, s0), frames(dist, c1, s1)
-        index, done = 0, False
-        with torch.inference_mode():
-            while not done:
-                times, b0, b1 = [], [], []
-                while len(b0) < batch_size:
-                    f0, f1 = next(it0, None), next(it1, None)
-                    if f0 is None or f1 is None:
-                        if (f0 is None) != (f1 is None):
-                            short, longer = (ref, dist) if f0 is None else (dist, ref)
-                            more = 1 + sum(1 for _ in (it1 if f0 is None else it0))
-                            raise UsageError(
-                                f"{short} has {index + len(b0)} frames but {longer} has "
-                                f"{index + len(b0) + more}: frame-by-frame scoring needs the "
-                                "same number")
-                        done = True
-                        break
-                    if tuple(f0[1].shape[1:]) != size0 or tuple(f1[1].shape[1:]) != size1:
-                        raise UsageError(f"frame {index + len(b0)} changes size mid-stream")
-                    times.append(f0[0])
-                    b0.append(resize(f0[1], size, resample))
-                    b1.append(resize(f1[1], size, resample))
-                if b0:
-                    d = model(torch.stack(b0).to(device), torch.stack(b1).to(device))
-                    vals = d.flatten().float().cpu().tolist()
-                    yield [(index + k, times[k], vals[k]) for k in range(len(vals))]
-                    index += len(vals)
-        if index == 0:
-            raise UsageError(f"{ref}: no frames decoded")
-    finally:
-        c0.close()
-        c1.close()
-
-
 class VideoPairs:
     """Both videos opened and checked, read frame by frame in order, in any number of
     processes: `read(lo, hi)` returns frames lo..hi-1 of both (decoding and skipping the frames

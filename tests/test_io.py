@@ -212,10 +212,10 @@ def test_listing_and_pairing(tmp_path):
     for rel in ("a/x.png", "a/y.png", "a/sub/z.png", "a/notes.txt", "a/.hidden.png",
                 "b/x.png", "b/y.jpg", "b/sub/z.png", "b/w.png"):
         (tmp_path / rel).write_bytes(b"")
-    names, ignored = folders.list_images(tmp_path / "a")
+    names, ignored, _ = folders.list_images(tmp_path / "a")
     assert names == ["x.png", "y.png"] and ignored == ["notes.txt"]
-    names_a, _ = folders.list_images(tmp_path / "a", recursive=True)
-    names_b, _ = folders.list_images(tmp_path / "b", recursive=True)
+    names_a, _, _ = folders.list_images(tmp_path / "a", recursive=True)
+    names_b, _, _ = folders.list_images(tmp_path / "b", recursive=True)
     assert names_a == ["sub/z.png", "x.png", "y.png"]
     pairs, only_a, only_b, amb = folders.match_by_name(names_a, names_b)
     assert pairs == [("sub/z.png", "sub/z.png"), ("x.png", "x.png")]
@@ -225,17 +225,3 @@ def test_listing_and_pairing(tmp_path):
     assert list(folders.all_pairs(["a", "b", "c"])) == [("a", "b"), ("a", "c"), ("b", "c")]
     with pytest.raises(folders.UsageError, match="no such directory"):
         folders.list_images(tmp_path / "nope")
-
-
-def test_csv_resume_cuts_a_half_written_row(tmp_path):
-    path = tmp_path / "o.csv"
-    path.write_text("name,lpips\na.png,0.5\nb.png,0.25\nc.pn")
-    rows = folders.CsvRows(path, ["name", "lpips"], 1, resume=True)
-    assert rows.done == {("a.png",), ("b.png",)} and rows.values == [0.5, 0.25]
-    rows.write([["c.png", "0.125"]])
-    rows.close()
-    assert path.read_text() == "name,lpips\na.png,0.5\nb.png,0.25\nc.png,0.125\n"
-    with pytest.raises(folders.UsageError, match="cannot resume"):
-        folders.CsvRows(path, ["a", "b", "lpips"], 2, resume=True)
-    s = folders.summary([0.5, 0.25, 0.125])
-    assert s["count"] == 3 and abs(s["mean"] - 0.875 / 3) < 1e-12

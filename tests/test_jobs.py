@@ -1,0 +1,317 @@
+"""The batch-job pipeline (lpips_fast.jobs) as a hostile user meets it: outputs that are inputs,
+files that are not our CSV, file names no CSV likes, interrupted and resumed runs, closed pipes,
+unwritable folders, devices that are not there. CLI tests run the real command in a temporary
+folder and compare the files' bytes before and after."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lpips_fast import jobs
+from lpips_fast.folders import UsageError, list_images
+from test_cli import image, one_line_error, run, run_many
+
+pytestmark = pytest.mark.slow
+
+
+def snapshot(folder):
+    """Every file under `folder` and its bytes, to prove a refused run changed nothing."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def folders_with_sizes(tmp_path, names, sizes=((64, 64), (48, 40))):
+    """Two folders of the same names, images alternating between two sizes by name order."""
+    d0, d1 = tmp_path / "ref", tmp_path / "dist"
+    d0.mkdir(), d1.mkdir()
+    for k, name in enumerate(names):
+        image(d0 / name, 2 * k, sizes[k % len(sizes)])
+        image(d1 / name, 2 * k + 1, sizes[k % len(sizes)])
+    return d0, d1
+
+
+# --- item 3: no output destroys an input; a resumed file is validated before it is touched ----
+
+def test_an_output_that_is_an_input_or_another_output_is_refused_untouched(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png", "b.png"])
+    os.link(d1 / "b.png", tmp_path / "hardlink.png")
+    (tmp_path / "lnk.png").symlink_to(d0 / "a.png")
+    before = snapshot(tmp_path)
+    cases = [
+        (("dirs", d0, d1, "-o", d0 / "a.png"), "is an input of this run"),
+        (("dirs", d0, d1, "-o", tmp_path / "hardlink.png"), "is an input of this run"),
+        (("dirs", d0, d1, "-o", tmp_path / "lnk.png"), "is an input of this run"),
+        (("dirs", d0, d1, "-o", tmp_path / "o.csv", "--summary", d1 / "b.png"),
+         "is an input of this run"),
+        (("dirs", d0, d1, "-o", tmp_path / "o.csv", "--summary", tmp_path / "o.csv"),
+         "is the same file as -o"),
+        (("allpairs", d0, "-o", d0 / "b.png"), "is an input of this run"),
+        (("pair", d0 / "a.png", d1 / "a.png", "--spatial-map", d1 / "a.png"),
+         "is an input of this run"),
+        (("pair", d0 / "a.png", d1 / "a.png", "--spatial-map", tmp_path / "lnk.png"),
+         "is an input of this run"),
+        (("dirs", d0, d1, "-o", tmp_path / "nodir" / "o.csv"), "no such directory"),
+        (("dirs", d0, d1, "-o", tmp_path / "o.csv", "--summary", tmp_path / "nodir" / "s.json"),
+         "no such directory"),
+        (("demo", "--save", d0 / "a.png"), "is a file"),
+    ]
+    outs = run_many(*[(*args, "--device", "cpu") for args, _ in cases])
+    for (args, needle), out in zip(cases, outs):
+        one_line_error(out, 2, needle)
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_video_output_that_is_an_input_is_refused(tmp_path):
+    pytest.importorskip("av")
+    from test_cli import write_video
+    import numpy as np
+    frames = [np.full((32, 32, 3), 10 * t, np.uint8) for t in range(3)]
+    write_video(tmp_path / "ref.mp4", frames)
+    before = snapshot(tmp_path)
+    out = run("video", tmp_path / "ref.mp4", tmp_path / "ref.mp4", "-o", tmp_path / "ref.mp4")
+    one_line_error(out, 2, "is an input of this run")
+    assert snapshot(tmp_path) == before
+
+
+NOT_OUR_CSV = {
+    "an image": None,  # filled with a PNG's bytes below
+    "another header": b"a,b,lpips\nx.png,y.png,0.5\n",
+    "a bad middle row": b"name,lpips\na.png,0.5\njunk\nb.png,0.25\n",
+    "a value that is no number": b"name,lpips\na.png,zero\n",
+    "a negative value": b"name,lpips\na.png,-1\n",
+    "CRLF line ends": b"name,lpips\r\na.png,0.5\r\n",
+    "a complete last line that is no row": b"name,lpips\na.png,0.5\nhello\n",
+    "bytes that are not text": b"name,lpips\n\x00\xff\xfe,0.5\x00\n",
+}
+
+
+def test_resume_refuses_a_file_that_is_not_its_csv_and_leaves_it_untouched(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png", "b.png"])
+    NOT_OUR_CSV["an image"] = (d0 / "a.png").read_bytes()
+    calls = []
+    for k, (what, data) in enumerate(NOT_OUR_CSV.items()):
+        path = tmp_path / f"bad{k}.csv"
+        path.write_bytes(data)
+        calls.append(("dirs", d0, d1, "-o", path, "--resume", "--summary", "-", "-q"))
+    for (what, data), out, call in zip(NOT_OUR_CSV.items(), run_many(*calls), calls):
+        one_line_error(out, 2, "cannot resume", "the file is unchanged")
+        assert call[4].read_bytes() == data, what
+
+
+def test_resume_cuts_only_a_half_written_last_row(tmp_path):
+    header = ["name", "lpips"]
+    for tail in ["c.pn", '"new\nli']:  # cut mid-row; cut inside a quoted name with a newline
+        path = tmp_path / "o.csv"
+        path.write_text("name,lpips\na.png,0.5\n\"b,2.png\",0.25\n" + tail, newline="")
+        out = jobs.CsvOutput(path, header, 1)
+        out.read()
+        assert path.read_bytes().decode().endswith(tail)  # read() changes nothing
+        assert out.done == {("a.png",), ("b,2.png",)} and out.values == [0.5, 0.25]
+        out.open()
+        out.write([["c.png", "0.125"]])
+        out.close()
+        assert path.read_bytes().decode() == "name,lpips\na.png,0.5\n\"b,2.png\",0.25\nc.png,0.125\n"
+    s = jobs.summary([0.5, 0.25, 0.125])
+    assert s["count"] == 3 and abs(s["mean"] - 0.875 / 3) < 1e-12
+
+
+# --- item 4: any file name round-trips; resumed runs give the same bytes -----------------------
+
+ODD_NAMES = ["a,comma.png", 'q"uote.png', "new\nline.png", "car\rret.png", "sep\u2028x.png",
+             "=SUM(A1).png", "  space .png", os.fsdecode(b"latin\xe9-not-utf8.png"), "plain.png"]
+
+
+def csv_names(path):
+    import csv
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return [r[0] for r in csv.reader(f)][1:]
+
+
+def test_odd_file_names_round_trip_through_the_csv_and_resume(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, ODD_NAMES)
+    full, part = tmp_path / "full.csv", tmp_path / "part.csv"
+    common = ("dirs", d0, d1, "--batch-size", "2", "--workers", "0", "-q", "--device", "cpu")
+    whole, stopped = run_many((*common, "-o", full), (*common, "-o", part,
+                                                      {"LPIPS_FAST_STOP_AFTER": "3"}))
+    assert whole.returncode == 0 and stopped.returncode == 130, (whole.stderr, stopped.stderr)
+    assert sorted(csv_names(full)) == sorted(os.listdir(d0))  # the very names, bytes and all
+    resumed = run(*common, "-o", part, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert part.read_bytes() == full.read_bytes()
+    stdout = subprocess.run([sys.executable, "-m", "lpips_fast", *map(str, common)],
+                            capture_output=True, timeout=300)
+    assert stdout.returncode == 0 and stdout.stdout == full.read_bytes()  # CSV on stdout too
+    pairs = run("allpairs", d0, "-o", tmp_path / "all.csv", "-q", "--device", "cpu")
+    assert pairs.returncode == 1  # the pairs of images of two sizes fail; names still intact
+    assert set(csv_names(tmp_path / "all.csv")) <= set(os.listdir(d0))
+
+
+@pytest.mark.parametrize("command", ["dirs", "allpairs"])
+def test_resumed_runs_give_the_same_bytes_with_images_of_several_sizes(tmp_path, command):
+    names = [f"im{k}.png" for k in range(7)]
+    d0, d1 = folders_with_sizes(tmp_path, names)
+    if command == "allpairs":
+        job, resize = (command, d0), ("--resize", "to-first")
+    else:
+        job, resize = (command, d0, d1), ()
+    common = (*job, *resize, "--batch-size", "2", "--workers", "0", "-q", "--device", "cpu")
+    full = tmp_path / "full.csv"
+    stops = [1, 3, 5]
+    outs = run_many((*common, "-o", full),
+                    *[(*common, "-o", tmp_path / f"p{n}.csv", {"LPIPS_FAST_STOP_AFTER": str(n)})
+                      for n in stops])
+    assert outs[0].returncode == 0, outs[0].stderr
+    assert all(o.returncode == 130 for o in outs[1:]), [o.stderr for o in outs]
+    resumed = run_many(*[(*common, "-o", tmp_path / f"p{n}.csv", "--resume") for n in stops])
+    for n, out in zip(stops, resumed):
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / f"p{n}.csv").read_bytes() == full.read_bytes(), n
+
+
+def test_resume_checks_the_first_runs_options_or_refuses(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(4)])
+    common = ("dirs", d0, d1, "--batch-size", "1", "--workers", "0", "-q", "--device", "cpu")
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    stopped = run_many((*common, "-o", a, "--summary", "-", {"LPIPS_FAST_STOP_AFTER": "2"}),
+                       (*common, "-o", b, {"LPIPS_FAST_STOP_AFTER": "2"}))
+    assert [o.returncode for o in stopped] == [130, 130]
+    kept_a, kept_b = a.read_bytes(), b.read_bytes()
+    (tmp_path / "b.summary.json").rename(tmp_path / "moved.json")
+    no_record_a, no_record_b = run_many((*common, "-o", a, "--resume"),
+                                        (*common, "-o", b, "--resume"))
+    one_line_error(no_record_a, 2, "a.summary.json is missing", "options of its first run")
+    one_line_error(no_record_b, 2, "b.summary.json is missing")
+    other, same = run_many((*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json",
+                            "--resample", "bilinear"),
+                           (*common, "-o", b, "--resume", "--match", "stem",
+                            "--summary", tmp_path / "moved.json"))
+    one_line_error(other, 2, "started with --resample bicubic (now bilinear)")
+    one_line_error(same, 2, "cannot resume")  # another header: name0,name1,lpips
+    assert a.read_bytes() == kept_a and b.read_bytes() == kept_b
+    ok = run(*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json")
+    assert ok.returncode == 0 and "2 of 4 pairs already" in ok.stderr
+
+
+# --- item 5: errors, not tracebacks -------------------------------------------------------------
+
+@contextlib.contextmanager
+def unwritable(folder):
+    """A folder no one can write to: chmod for a user, the immutable flag for root (whom
+    permissions do not stop)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", folder]).returncode:
+        pytest.fail("root needs chattr (e2fsprogs) and an ext2/3/4 file system for this test")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)
+
+
+def test_unwritable_outputs_bad_devices_and_missing_weights_are_one_line(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png", "b.png"])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    common = ("dirs", d0, d1, "-q")
+    out_csv = tmp_path / "o.csv"
+    with unwritable(locked):
+        cases = [
+            ((*common, "-o", locked / "o.csv"), "cannot write -o"),
+            ((*common, "-o", out_csv, "--summary", locked / "s.json"), "cannot write --summary"),
+            (("pair", d0 / "a.png", d1 / "a.png", "--spatial-map", locked / "m.png"),
+             "cannot write --spatial-map"),
+            ((*common, "-o", out_csv, "--device", "meta"), "meta device holds no values"),
+            ((*common, "-o", out_csv, "--device", "mps"), "MPS is not available"),
+            ((*common, "-o", out_csv, "--device", "cuda:7"), "--device cuda:7"),
+            ((*common, "-o", out_csv, "--device", "gpu0"), "not a device"),
+            ((*common, "-o", out_csv, "--net", "squeeze", "--device", "cpu",
+              {"LPIPS_FAST_HOME": str(tmp_path / "empty_home")}), "squeeze"),
+        ]
+        outs = run_many(*[args for args, _ in cases])
+    for (args, needle), out in zip(cases, outs):
+        one_line_error(out, 2, needle)
+        assert "rank" not in out.stderr
+    assert not out_csv.exists() and list(locked.iterdir()) == []  # no empty CSV left behind
+
+
+def test_a_closed_pipe_stops_quietly_with_its_exit_code(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(6)], sizes=((64, 64),))
+    p = subprocess.Popen([sys.executable, "-m", "lpips_fast", "dirs", str(d0), str(d1),
+                          "--batch-size", "1", "--workers", "0", "-q", "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"name,lpips\n"
+    p.stdout.close()  # like `| head -n 1`
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert err.strip().splitlines()[-1] == "stopped: the output pipe was closed"
+
+
+def test_a_failure_in_one_process_does_not_speak_of_ranks(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(4)], sizes=((64, 64),))
+    out = run("dirs", d0, d1, "-o", tmp_path / "o.csv", "--batch-size", "1", "--workers", "0",
+              "-q", "--device", "cpu", env_extra={"LPIPS_FAST_FAIL_RANK": "0"})
+    one_line_error(out, 1, "scoring pair im1.png failed: RuntimeError: injected failure",
+                   "the 1 new rows written to")
+    assert "rank" not in out.stderr
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 2  # the header and im0.png
+
+
+# --- item 7: linked folders under --recursive ---------------------------------------------------
+
+def test_linked_folders_are_listed_as_skipped(tmp_path):
+    root = tmp_path / "pool"
+    (root / "sub").mkdir(parents=True)
+    for rel, seed in (("a.png", 0), ("sub/b.png", 1), ("sub/c.png", 2)):
+        image(root / rel, seed)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "again").symlink_to(root / "sub", target_is_directory=True)
+    names, ignored, skipped = list_images(root, recursive=True)
+    assert names == ["a.png", "sub/b.png", "sub/c.png"] and skipped == ["again/", "loop/"]
+    out = run("allpairs", root, "-r", "-o", tmp_path / "o.csv", "-q", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "skipped 2 linked folders" in out.stderr and "again/, loop/" in out.stderr
+    record = json.loads((tmp_path / "o.summary.json").read_text())
+    assert record["ignored"] == ["again/", "loop/"] and record["count"] == 3
+
+
+# --- item 8: the pipeline from Python -----------------------------------------------------------
+
+def test_the_pipeline_from_python_writes_what_the_cli_writes(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(5)])
+    cli = run("dirs", d0, d1, "-o", tmp_path / "cli.csv", "--batch-size", "2", "--workers", "0",
+              "-q", "--device", "cpu")
+    assert cli.returncode == 0, cli.stderr
+    notes = []
+    outcome = jobs.run(jobs.DirsJob(d0, d1), jobs.Settings(
+        output=tmp_path / "py.csv", batch_size=2, device="cpu"), note=notes.append)
+    assert outcome.status == "complete" and outcome.written == 5 and not outcome.failures
+    assert (tmp_path / "py.csv").read_bytes() == (tmp_path / "cli.csv").read_bytes()
+    assert outcome.info["count"] == 5 and outcome.summary_path == tmp_path / "py.summary.json"
+    with pytest.raises(UsageError, match="is an input of this run"):
+        jobs.run(jobs.AllPairsJob(d0), jobs.Settings(output=d0 / "im0.png", device="cpu"))
+
+
+def test_check_outputs_and_devices_directly(tmp_path):
+    a = tmp_path / "a.png"
+    a.write_bytes(b"x")
+    jobs.check_outputs({"-o": tmp_path / "new.csv", "--summary": None}, [a])  # fine
+    assert not (tmp_path / "new.csv").exists()  # the probe leaves nothing behind
+    with pytest.raises(UsageError, match="is the same file as -o"):
+        jobs.check_outputs({"-o": tmp_path / "x.csv", "--summary": tmp_path / "." / "x.csv"})
+    with pytest.raises(UsageError, match="is a directory"):
+        jobs.check_outputs({"-o": tmp_path})
+    assert jobs.resolve_device("cpu").type == "cpu"
+    for bad in ("meta", "nonsense:3"):
+        with pytest.raises(UsageError, match=f"--device {bad}"):
+            jobs.resolve_device(bad)
