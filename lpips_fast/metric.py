@@ -24,6 +24,31 @@ from .model import LPIPS
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def metric_model(model: LPIPS | None, lpips_kwargs: dict) -> LPIPS:
+    """The given model, checked, or one built from LPIPS arguments; in eval mode."""
+    if model is None:
+        model = LPIPS(**{"verbose": False, **lpips_kwargs})
+    elif lpips_kwargs:
+        raise ValueError(f"pass either a model or LPIPS arguments, not both (got model and "
+                         f"{sorted(lpips_kwargs)})")
+    if not isinstance(model, LPIPS):
+        raise TypeError(f"model must be an lpips_fast.LPIPS, got {type(model).__name__}")
+    if model.spatial:
+        raise ValueError("the metric needs one value per pair: pass a model built with "
+                         "spatial=False")
+    return model.eval()
+
+
+def per_pair(model: LPIPS, img0, img1, normalize: bool) -> torch.Tensor:
+    """One float64 value per pair of the batch (N against 1 broadcasts)."""
+    return model(img0, img1, normalize=normalize).flatten().double()
+
+
 class LPIPSMetric(nn.Module):
     """LPIPS over a whole evaluation set, as a float64 mean, sum or list of per-pair values.
 
@@ -42,21 +67,10 @@ class LPIPSMetric(nn.Module):
     def __init__(self, model: LPIPS | None = None, *, reduction: str = "mean",
                  normalize: bool = False, process_group=None, **lpips_kwargs):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if model is None:
-            model = LPIPS(**{"verbose": False, **lpips_kwargs})
-        elif lpips_kwargs:
-            raise ValueError(f"pass either a model or LPIPS arguments, not both (got model and "
-                             f"{sorted(lpips_kwargs)})")
-        if not isinstance(model, LPIPS):
-            raise TypeError(f"model must be an lpips_fast.LPIPS, got {type(model).__name__}")
-        if model.spatial:
-            raise ValueError("the metric needs one value per pair: pass a model built with "
-                             "spatial=False")
-        self.model = model.eval()
+        check_reduction(reduction)
+        self.model = metric_model(model, lpips_kwargs)
         self.reduction, self.normalize, self.process_group = reduction, normalize, process_group
-        device = next(itertools.chain(model.parameters(), model.buffers())).device
+        device = next(itertools.chain(self.model.parameters(), self.model.buffers())).device
         # Not buffers: they stay out of state_dict, and their dtype must not follow .half().
         self._sum = torch.zeros((), dtype=torch.float64, device=device)
         self._count = torch.zeros((), dtype=torch.int64, device=device)
@@ -90,7 +104,7 @@ class LPIPSMetric(nn.Module):
         return self._reduce(d.sum(), d.numel(), d)
 
     def _score(self, img0, img1):
-        return self.model(img0, img1, normalize=self.normalize).flatten().double()
+        return per_pair(self.model, img0, img1, self.normalize)
 
     def _add(self, d):
         self._sum += d.sum()

@@ -165,6 +165,37 @@ def test_state_moves_with_the_model_to_cuda():
     assert cuda.compute().device.type == "cpu" and cuda.compute().shape == (8,)
 
 
+def test_torchmetrics_adapter_equals_the_metric():
+    pytest.importorskip("torchmetrics")
+    from lpips_fast.torchmetrics_adapter import LearnedPerceptualImagePatchSimilarity as TM
+    model = random_model()
+    data = batches([3, (2, 1), 4], seed=6)
+    ours = {r: lpips_fast.LPIPSMetric(model, reduction=r) for r in ("mean", "sum", "none")}
+    theirs = {r: TM(model=model, reduction=r) for r in ("mean", "sum", "none")}
+    batch = theirs["mean"](*data[0])  # torchmetrics' forward: this batch's value, and update
+    with torch.no_grad():
+        assert batch.item() == pytest.approx(model(*data[0]).double().mean().item(), rel=1e-14)
+    for i, (a, b) in enumerate(data):
+        for r in ours:
+            ours[r].update(a, b)
+            if i or r != "mean":
+                theirs[r].update(a, b)
+    # the same float32 values added in the same order in float64: equal
+    for r in ours:
+        assert torch.equal(theirs[r].compute(), ours[r].compute())
+    assert theirs["none"].compute().shape == (9,)
+    assert theirs["mean"].compute().dtype == torch.float64
+    theirs["sum"].reset()
+    with pytest.raises(RuntimeError, match="before any update"), \
+            pytest.warns(UserWarning, match="called before the ``update``"):  # torchmetrics'
+        theirs["sum"].compute()
+    theirs["sum"].train()
+    assert not model.training
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        TM(model=model, reduction="max")
+    assert TM(model=model, reduction=None).reduction == "none"
+
+
 # --- two gloo ranks against one process ---------------------------------------------------------
 
 WORKER = textwrap.dedent("""
