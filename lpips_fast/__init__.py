@@ -1,10 +1,11 @@
 """lpips_fast: a drop-in, faster LPIPS (Zhang et al., CVPR 2018) for PyTorch."""
 from .embed import Embedding, distance as embedding_distance
 from .graphs import cuda_graphed
+from .metric import LPIPSMetric
 from .model import LPIPS, lpips
 from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
 
 __all__ = ["LPIPS", "lpips", "WeightsNotFound", "Embedding", "embedding_distance", "pairwise",
-           "pairwise_rows", "diversity", "cuda_graphed"]
+           "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric"]
 __version__ = "0.1.0"

@@ -70,19 +70,13 @@ def cmd_weights(args) -> int:
 
 def cmd_pair(args) -> int:
     import torch
-    from lpips_fast.io import (check_scoring_size, load_image, mismatch_message, resize,
-                               target_size)
+    from lpips_fast.io import load_pair, resize
     from lpips_fast.jobs import check_outputs
     dev = _device(args.device)
     check_outputs({"--spatial-map": args.spatial_map}, [args.a, args.b])
-    x0, x1 = load_image(args.a), load_image(args.b)
-    s0, s1 = tuple(x0.shape[2:]), tuple(x1.shape[2:])
-    size = target_size(s0, s1, args.resize)
-    if size is None:
-        _err(f"error: {mismatch_message(args.a, s0, args.b, s1)}")
-        return 2
-    check_scoring_size(args.a, s0, args.b, s1, size, args.net)
-    x0, x1 = resize(x0, size, args.resample), resize(x1, size, args.resample)
+    # errors (files, sizes) are ImageErrors: one line and exit code 2 through _main
+    x0, x1, (s0, _) = load_pair(args.a, args.b, args.resize, args.resample, args.net)
+    size = tuple(x0.shape[2:])
     model = _model(args, dev)
     with torch.inference_mode():
         d = model(x0.to(dev), x1.to(dev)).item()

@@ -164,10 +164,12 @@ def target_size(size0, size1, policy: str):
     return None
 
 
-def mismatch_message(name0, size0, name1, size1) -> str:
+def mismatch_message(name0, size0, name1, size1, option: str = "--resize {}") -> str:
+    """`option` spells the resize setting where the caller is (the CLI's flag by default;
+    Python callers pass "resize='{}'")."""
     return (f"{name0} is {size0[1]} x {size0[0]} but {name1} is {size1[1]} x {size1[0]} "
-            "(W x H): LPIPS compares images of one size; pass --resize to-first or "
-            "--resize to-smaller to resample")
+            f"(W x H): LPIPS compares images of one size; pass {option.format('to-first')} or "
+            f"{option.format('to-smaller')} to resample")
 
 
 def resize(x: torch.Tensor, size, resample: str = "bicubic") -> torch.Tensor:
@@ -179,3 +181,21 @@ def resize(x: torch.Tensor, size, resample: str = "bicubic") -> torch.Tensor:
     y = torch.nn.functional.interpolate(x, size=tuple(size), mode=resample, align_corners=False,
                                         antialias=True).clamp_(-1, 1)
     return y.squeeze(0) if squeeze else y
+
+
+def load_pair(path0, path1, policy: str = "none", resample: str = "bicubic", net: str = "alex",
+              option: str = "--resize {}"):
+    """Two image files as 1 x 3 x H x W float32 tensors in [-1, 1] at the size they are scored
+    at under a --resize `policy`, and the files' own (H, W) sizes. A size mismatch under 'none',
+    or a scoring size too small for `net`, is an ImageError naming both files and sizes."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {policy!r}")
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {RESAMPLE}, got {resample!r}")
+    x0, x1 = load_image(path0), load_image(path1)
+    s0, s1 = tuple(x0.shape[2:]), tuple(x1.shape[2:])
+    size = target_size(s0, s1, policy)
+    if size is None:
+        raise ImageError(mismatch_message(path0, s0, path1, s1, option))
+    check_scoring_size(path0, s0, path1, s1, size, net)
+    return resize(x0, size, resample), resize(x1, size, resample), (s0, s1)

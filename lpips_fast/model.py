@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -381,13 +382,49 @@ class LPIPS(nn.Module):
 
 
 _cache: dict = {}
+REDUCTIONS = ("none", "mean", "sum")
 
 
 def lpips(x0, x1, net="alex", version="0.1", normalize=False, spatial=False, retPerLayer=False,
-          **kwargs):
-    """Functional LPIPS: builds the module once per (net, version, device, dtype, options)."""
+          *, reduction="none", resize="none", resample="bicubic", device=None, **kwargs):
+    """Functional LPIPS: builds the module once per (net, version, device, dtype, options).
+
+    x0, x1: N x 3 x H x W tensors, or two image file paths (str or os.PathLike), read as the
+    command line reads them (`lpips_fast.io`: EXIF, 16-bit, alpha, grayscale) into [-1, 1],
+    resampled by `resize` ('none', 'to-first', 'to-smaller') with `resample` ('bicubic',
+    'bilinear'), and scored on `device` (default CPU).
+    reduction: 'none' (the module's output), 'mean' or 'sum' over all its elements, as torch's
+    losses reduce (with spatial=True, over the map's pixels too; with retPerLayer, each layer
+    is reduced the same way).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    x0, x1 = _inputs(x0, x1, net, normalize, resize, resample, device)
     key = (canonical(net), version, x0.device, x0.dtype, spatial, tuple(sorted(kwargs.items())))
     if key not in _cache:
         model = LPIPS(net=net, version=version, spatial=spatial, verbose=False, **kwargs)
         _cache[key] = model.to(device=x0.device, dtype=x0.dtype)
-    return _cache[key](x0, x1, retPerLayer=retPerLayer, normalize=normalize)
+    out = _cache[key](x0, x1, retPerLayer=retPerLayer, normalize=normalize)
+    if reduction == "none":
+        return out
+    reduce = torch.mean if reduction == "mean" else torch.sum
+    return (reduce(out[0]), [reduce(v) for v in out[1]]) if retPerLayer else reduce(out)
+
+
+def _inputs(x0, x1, net, normalize, resize, resample, device):
+    """The tensors to score: x0 and x1 as given, or the two image files loaded and resized."""
+    paths = [isinstance(x, (str, os.PathLike)) for x in (x0, x1)]
+    if not any(paths):
+        if resize != "none" or device is not None:
+            raise ValueError("resize and device apply to image files; tensors are scored as "
+                             "given, on their own device")
+        return x0, x1
+    if not all(paths):
+        raise TypeError(f"x0 and x1 must both be tensors or both be image paths, got "
+                        f"{type(x0).__name__} and {type(x1).__name__}")
+    if normalize:
+        raise ValueError("normalize=True describes [0, 1] tensors; images read from files "
+                         "are mapped to [-1, 1] already (leave normalize=False)")
+    from .io import load_pair
+    x0, x1, _ = load_pair(x0, x1, resize, resample, canonical(net), option="resize='{}'")
+    return x0.to(device or "cpu"), x1.to(device or "cpu")
