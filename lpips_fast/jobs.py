@@ -773,13 +773,13 @@ class VideoJob:
 
     def listing(self, s, note) -> Listing:
         from .video import VideoPairs
-        video = VideoPairs(self.ref, self.dist, s.net, s.resize, s.resample)
+        video = VideoPairs(self.ref, self.dist, s.net, s.resize, s.resample)  # checks both
+        video.close()  # every rank opens the videos again to decode its own chunks
         keys = [(str(i),) for i in range(video.count)]
         return Listing(keys, [Path(self.ref), Path(self.dist)],
-                       {"ref": str(self.ref), "dist": str(self.dist)}, {}, video)
+                       {"ref": str(self.ref), "dist": str(self.dist)}, {})
 
     def plan(self, listing, done, s):
-        listing.state.close()  # every rank opens the videos itself to decode its own chunks
         n = len(listing.keys)
         bs = s.batch_size
         chunks = [c for c in range(math.ceil(n / bs))

@@ -315,3 +315,28 @@ def test_check_outputs_and_devices_directly(tmp_path):
     for bad in ("meta", "nonsense:3"):
         with pytest.raises(UsageError, match=f"--device {bad}"):
             jobs.resolve_device(bad)
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    """Root reads every file, so the refusal is simulated where the operating system would
+    raise it: listing a folder and opening an image."""
+    import PIL.Image
+    from lpips_fast import cli, io
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png"])
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+    with monkeypatch.context() as m:
+        m.setattr(os, "listdir", denied)
+        with pytest.raises(UsageError, match="cannot list the folder .Permission denied"):
+            list_images(d0)
+        assert cli.main(["dirs", str(d0), str(d1), "--device", "cpu"]) == 2
+    with monkeypatch.context() as m:
+        m.setattr(PIL.Image, "open", denied)
+        with pytest.raises(io.ImageError, match="a.png: permission denied"):
+            io.load_image(d0 / "a.png")
+        assert cli.main(["pair", str(d0 / "a.png"), str(d1 / "a.png"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("error: ")] == [
+        f"error: {d0}: cannot list the folder (Permission denied)",
+        f"error: {d0 / 'a.png'}: permission denied"]
