@@ -221,6 +221,17 @@ def _csv_text(rows: list) -> str:
     return buf.getvalue()
 
 
+def _first_foreign_row(text: str, rows: list) -> int:
+    """The number (1 = the header) of the first row whose text is not what this writer writes."""
+    at = 0
+    for i, row in enumerate(rows, start=1):
+        mine = _csv_text([row])
+        if not text.startswith(mine, at):
+            return i
+        at += len(mine)
+    return len(rows)
+
+
 class CsvOutput:
     """The job's CSV: `read()` validates a file to resume (nothing is changed), `open()` creates
     or continues it, `write()` appends rows and flushes. `path=None` writes to stdout."""
@@ -263,8 +274,7 @@ class CsvOutput:
         good = _csv_text(complete)
         rest = text[len(good):]
         if not text.startswith(good) or (rest.endswith("\n") and '"' not in rest):
-            line = next((i for i in range(1, len(rows) + 1)
-                         if not text.startswith(_csv_text(rows[:i]))), len(rows))
+            line = _first_foreign_row(text, rows)
             raise UsageError(f"{where}row {line} is not as lpips-fast writes its rows; the file "
                              "is unchanged")
         for i, row in enumerate(complete[1:], start=2):
