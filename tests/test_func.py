@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils._pytree import tree_leaves
 
 import lpips_fast
+import lpips_fast._ops
 from lpips_fast import reference as R
 from conftest import fused_available, randomize_lins
 from test_kernels import feats, make_weight, ops
@@ -161,6 +162,19 @@ def test_vmap_op_equals_batched_call(device):
             got = vmap(fn, in_dims=in_dims)(*args)
             for i in range(3):
                 close_leaves(got, ref(*per_index(i)), lambda t: t[i])
+
+
+def test_vmap_folds_into_one_call(monkeypatch):
+    """With shared weights vmap runs the kernels once on the folded batch: no loop (ours,
+    here made to fail) and no functorch fallback (which loops, and cannot batch head_all)."""
+    def no_loop(*args):
+        raise AssertionError("looped")
+    monkeypatch.setattr(lpips_fast._ops, "_vmap_loop", no_loop)
+    f0, f1, w = layer(n=6)
+    b0, b1 = f0.view(3, 2, *f0.shape[1:]), f1.view(3, 2, *f1.shape[1:])
+    got = vmap(lambda a, b: ops("cpu").head_all([a], [b], [w], True))(b0, b1)
+    for i in range(3):
+        close_leaves(got, R.head_all([b0[i]], [b1[i]], [w], True), lambda t: t[i])
 
 
 @pytest.mark.parametrize("device", DEVICES)
