@@ -63,6 +63,11 @@ def _broadcast(f0: torch.Tensor, f1: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return f0, f1
 
 
+def _legacy_batched(*grads) -> bool:
+    """Whether gradients come batched by torch._vmap_internals (is_grads_batched=True)."""
+    return any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
+
+
 def _graph_grads(f0s, f1s, weights, grad_values, grad_maps, needs):
     """The first-order gradients as differentiable functions of the inputs, from the reference
     math. A backward that records a graph (create_graph=True: gradient penalties,
@@ -164,7 +169,10 @@ def register(ns: str = "lpips_fast") -> None:
             grad_value = r0.new_zeros(f0.shape[0])
         if not ctx.return_map or grad_map is None or grad_map.numel() == 0:
             grad_map = None
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        # create_graph=True (and torch.func) want a differentiable backward; PyTorch's older
+        # vmap (is_grads_batched=True, autograd.functional.jacobian(vectorize=True)) cannot
+        # batch the fused backward ops. Both get the reference math.
+        if torch.is_grad_enabled() or _legacy_batched(grad_value, grad_map):
             g0s, g1s, gws = _graph_grads([f0], [f1], [weight], [grad_value], [grad_map], mask)
             return g0s[0], g1s[0], gws[0], None
         g0, g1, gw = ops.head_backward(
@@ -198,7 +206,7 @@ def register(ns: str = "lpips_fast") -> None:
         gmaps: List[Optional[torch.Tensor]] = []
         for g in grad_outs[:nl]:
             gmaps.append(g if ctx.return_map and g is not None and g.numel() > 0 else None)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        if torch.is_grad_enabled() or _legacy_batched(grad_values, *gmaps):  # (see above)
             g0s, g1s, gws = _graph_grads(f0s, f1s, weights, list(grad_values), gmaps, flags)
             gws = [g if w.numel() > 0 else None for g, w in zip(gws, weights)]
             return (None, None, *g0s, *g1s, *gws)
@@ -282,19 +290,19 @@ def _no_jvp(ctx, *tangents):
         "impl='reference'")
 
 
-def _tensors(args) -> List[torch.Tensor]:
-    return [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
-
-
-def _differentiating(tensors: Sequence[torch.Tensor]) -> bool:
+def _differentiating(args) -> bool:
     """Whether an op call must go through its autograd.Function: reverse mode records a
-    graph, or a torch.func transform (grad, jvp) or forward-mode AD wraps the inputs."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    graph, or a torch.func transform (grad, jvp) or forward-mode AD wraps the inputs.
+    The common cases cost two C++ checks (this runs on every call)."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return True
-    if any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
-        return True
-    return fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None
-                                            for t in tensors)
+    functorch = torch._C._are_functorch_transforms_active()
+    if not functorch and fwAD._current_level < 0:
+        return False
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+               if isinstance(t, torch.Tensor)]
+    return any(torch._C._functorch.is_gradtrackingtensor(t) or
+               fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 _libs: dict = {}  # the registrations last as long as their Library objects
@@ -306,7 +314,7 @@ def _register_autograd(ns: str, name: str, apply) -> None:
     op = getattr(getattr(torch.ops, ns), name).default
 
     def kernel(keyset, *args):
-        if _differentiating(_tensors(args)):
+        if _differentiating(args):
             return apply(_Caller(keyset, torch.is_grad_enabled(),
                                  torch._C._is_fwd_grad_enabled()), *args)
         with torch._C._AutoDispatchBelowAutograd():

@@ -83,6 +83,17 @@ def test_vmap_grad_per_sample_model():
         close(per_sample[i], expected[0])
 
 
+def test_vectorized_jacobian_model():
+    """autograd.functional.jacobian(vectorize=True) and is_grads_batched=True batch the
+    backward with PyTorch's older vmap, which cannot batch the fused backward ops: there the
+    backward takes the reference math."""
+    fused, ref = models()
+    x0, x1 = images(2, size=32)
+    jac = [torch.autograd.functional.jacobian(lambda a: m(a, x1).view(-1), x0, vectorize=True)
+           for m in (fused, ref)]
+    close(*jac)
+
+
 def test_per_sample_lin_weight_grads():
     """Per-sample gradients of the lin weights (functional_call), as in DP-SGD."""
     fused, ref = models()
@@ -208,6 +219,21 @@ def test_vmapped_fused_backward(device, op, weight_grad):
             _, vjp_fn = torch.func.vjp(lambda a, b: fn(a, b, w), f0, f1)
         with torch.no_grad():  # no graph of the gradient wanted: the fused backward runs
             return vmap(vjp_fn)(seeds)
+
+    close_leaves(rows(make(ops(device))), rows(expected_fn))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", LOSSES)
+def test_is_grads_batched_op(device, op):
+    """PyTorch's older vmap over the backward (see test_vectorized_jacobian_model)."""
+    make, expected_fn = LOSSES[op]
+    args = layer(n=2)
+    seeds = torch.tensor([1., -2., 0.5], dtype=torch.float64)
+
+    def rows(fn):
+        leaves = [a.clone().requires_grad_() for a in args]
+        return torch.autograd.grad(fn(*leaves), leaves, seeds, is_grads_batched=True)
 
     close_leaves(rows(make(ops(device))), rows(expected_fn))
 
