@@ -12,6 +12,10 @@ The ops (schemas in csrc/lpips_fast.cpp) live in ``torch.ops.lpips_fast``:
 In the multi-layer ops an EMPTY weight tensor means "no weights" for that layer: custom-op
 autograd does not see tensors inside a ``Tensor?[]`` argument, so ``None`` cannot be used there.
 
+Autograd is registered as single-level autograd.Functions (not torch.library.register_autograd,
+whose wrapper torch.func rejects), and each op has a batching rule, so torch.func's grad,
+vjp, jacrev and vmap work through them; forward mode raises.
+
 Outputs are float32 (float64 for float64 inputs). r0/r1 are per-pixel feature norms saved
 for the backward (N x h*w). The ops require equal batch sizes; the wrappers below broadcast a
 batch of 1 with ``expand`` (batch stride 0, no copy) and autograd sums its gradient.
@@ -372,6 +376,7 @@ def _vmap_loop(op, size, in_dims, args):
 
 
 def _vmap_rule(op, arg_dims, out_dims):
+    """The batching rule of `op` (torch.library.register_vmap's form), see _SAMPLE_DIMS."""
     backward = op.name().endswith("backward")
 
     def rule(info, in_dims, *args):
@@ -395,19 +400,21 @@ def _vmap_rule(op, arg_dims, out_dims):
                 result.append([p[0] for p in pairs])
                 dims.append([p[1] for p in pairs])
             else:
-                result.append(_unfold(y, size, a)[0])
-                dims.append(_unfold(y, size, a)[1])
+                t, dim = _unfold(y, size, a)
+                result.append(t)
+                dims.append(dim)
         return tuple(result), tuple(dims)
     return rule
 
 
 def _register_vmap(ns: str) -> None:
-    if not hasattr(torch.library, "register_vmap"):  # torch < 2.4: functorch's slow fallback
-        return
+    if not hasattr(torch.library, "register_vmap"):  # older torch: functorch's fallback
+        return  # (a loop; it cannot batch the all-layer ops, whose outputs are lists)
     lib = _libs.setdefault(ns, torch.library.Library(ns, "IMPL"))
     for name, (arg_dims, out_dims) in _SAMPLE_DIMS.items():
         op = getattr(getattr(torch.ops, ns), name).default
         torch.library.register_vmap(op, _vmap_rule(op, arg_dims, out_dims), lib=lib)
+
 
 # --------------------------------------------------------------------- public wrappers
 class Ops:
