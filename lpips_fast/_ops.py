@@ -12,15 +12,22 @@ The ops (schemas in csrc/lpips_fast.cpp) live in ``torch.ops.lpips_fast``:
 In the multi-layer ops an EMPTY weight tensor means "no weights" for that layer: custom-op
 autograd does not see tensors inside a ``Tensor?[]`` argument, so ``None`` cannot be used there.
 
+Autograd is registered as single-level autograd.Functions (not torch.library.register_autograd,
+whose wrapper torch.func rejects), and each op has a batching rule, so torch.func's grad,
+vjp, jacrev and vmap work through them; forward mode raises.
+
 Outputs are float32 (float64 for float64 inputs). r0/r1 are per-pixel feature norms saved
 for the backward (N x h*w). The ops require equal batch sizes; the wrappers below broadcast a
 batch of 1 with ``expand`` (batch stride 0, no copy) and autograd sums its gradient.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 load_error: Optional[str] = None
 _loaded = False
@@ -60,40 +67,47 @@ def _broadcast(f0: torch.Tensor, f1: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return f0, f1
 
 
-def _flags(need, n: int) -> List[bool]:
-    """Per-layer needs_input_grad flags of a list argument (a bool or a list of bools)."""
-    return [bool(x) for x in need] if isinstance(need, (list, tuple)) else [bool(need)] * n
+def _legacy_batched(*grads) -> bool:
+    """Whether gradients come batched by torch._vmap_internals (is_grads_batched=True)."""
+    return any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
 
 
 def _graph_grads(f0s, f1s, weights, grad_values, grad_maps, needs):
     """The first-order gradients as differentiable functions of the inputs, from the reference
     math. A backward that records a graph (create_graph=True: gradient penalties,
-    meta-learning) needs them: the fused backward op has no derivative of its own. Returns
-    lists of gradients for f0s, f1s and weights (None where `needs` says none is wanted)."""
+    meta-learning; always under torch.func.grad) needs them: the fused backward op has no
+    derivative of its own. Returns lists of gradients for f0s, f1s and weights (None where
+    `needs` says none is wanted or a layer has no weights).
+
+    torch.func.vjp gives the partial derivative with respect to each input (autograd.grad
+    towards the inputs would also follow the outer graph between them: in a model, layer
+    k + 1's features come from layer k's), differentiable for every enclosing autograd graph
+    and torch.func level, also where the inputs are a finished torch.func level's tensors
+    (jacrev, vjp) that no longer report requires_grad."""
     from . import reference
-    # Fresh aliases: the gradient wanted is the partial derivative of this op's outputs with
-    # respect to each input, while autograd.grad towards the inputs themselves would also
-    # follow the outer graph between them (in a model, layer k + 1's features come from layer
-    # k's). The aliases stay differentiable functions of the inputs.
     n = len(f0s)
-    tensors = [t.view_as(t) if t is not None and t.requires_grad else t
-               for t in (*f0s, *f1s, *weights)]
-    f0s, f1s, weights = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
-    outs, seeds = [], []
-    for f0, f1, w, gv, gm in zip(f0s, f1s, weights, grad_values, grad_maps):
-        value, dmap = reference.head(f0, f1, None if w is None or w.numel() == 0 else w,
-                                     return_map=gm is not None)
-        outs.append(value)
-        seeds.append(gv.to(value.dtype))
+    present = [k for k, w in enumerate(weights) if w is not None and w.numel() > 0]
+
+    def heads(f0s, f1s, ws):  # torch.func takes tensors only: the absent weights are None
+        wk = dict(zip(present, ws))
+        outs = []
+        for k, (f0, f1, gm) in enumerate(zip(f0s, f1s, grad_maps)):
+            value, dmap = reference.head(f0, f1, wk.get(k), return_map=gm is not None)
+            outs += [value] if gm is None else [value, dmap]
+        return outs
+
+    outs, vjp_fn = torch.func.vjp(heads, list(f0s), list(f1s), [weights[k] for k in present])
+    seeds, it = [], iter(outs)
+    for gv, gm in zip(grad_values, grad_maps):
+        seeds.append(gv.to(next(it).dtype))
         if gm is not None:
-            outs.append(dmap)
+            dmap = next(it)
             seeds.append(gm.reshape(dmap.shape).to(dmap.dtype))
-    flags = [need and t is not None and t.requires_grad for need, t in zip(needs, tensors)]
-    wanted = [t for t, f in zip(tensors, flags) if f]
-    got = iter(torch.autograd.grad(outs, wanted, seeds, create_graph=True, allow_unused=True)
-               if wanted else ())
-    res = [next(got) if f else None for f in flags]
-    res = [torch.zeros_like(t) if f and g is None else g for t, f, g in zip(tensors, flags, res)]
+    g0s, g1s, gws = vjp_fn(seeds)
+    gw_by_layer = dict(zip(present, gws))
+    grads = [*g0s, *g1s, *(gw_by_layer.get(k) for k in range(n))]
+    res = [g if need else None for g, need in zip(grads, needs)]
+    n = len(f0s)
     return res[:n], res[n:2 * n], res[2 * n:]
 
 
@@ -159,7 +173,10 @@ def register(ns: str = "lpips_fast") -> None:
             grad_value = r0.new_zeros(f0.shape[0])
         if not ctx.return_map or grad_map is None or grad_map.numel() == 0:
             grad_map = None
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        # create_graph=True (and torch.func) want a differentiable backward; PyTorch's older
+        # vmap (is_grads_batched=True, autograd.functional.jacobian(vectorize=True)) cannot
+        # batch the fused backward ops. Both get the reference math.
+        if torch.is_grad_enabled() or _legacy_batched(grad_value, grad_map):
             g0s, g1s, gws = _graph_grads([f0], [f1], [weight], [grad_value], [grad_map], mask)
             return g0s[0], g1s[0], gws[0], None
         g0, g1, gw = ops.head_backward(
@@ -167,48 +184,236 @@ def register(ns: str = "lpips_fast") -> None:
         return (g0 if mask[0] else None, g1 if mask[1] else None,
                 gw.reshape(weight.shape).to(weight.dtype) if mask[2] else None, None)
 
-    torch.library.register_autograd(f"{ns}::head_forward", _backward_single,
-                                    setup_context=_setup_single)
-
     def _setup_all(ctx, inputs, output):
-        f0s, f1s, weights, return_map = inputs
-        _, _, r0s, r1s = output
-        ctx.nl = len(f0s)
-        ctx.save_for_backward(*f0s, *f1s, *weights, *r0s, *r1s)
+        return_map, nl, *tensors = inputs
+        _, *outs = output
+        r0s, r1s = outs[nl:2 * nl], outs[2 * nl:]
+        ctx.nl = nl
+        ctx.save_for_backward(*tensors, *r0s, *r1s)
         ctx.return_map = return_map
         ctx.mark_non_differentiable(*r0s, *r1s)
 
-    def _backward_all(ctx, grad_values, grad_maps, _gr0s, _gr1s):
+    def _backward_all(ctx, grad_values, *grad_outs):
         nl = ctx.nl
         saved = list(ctx.saved_tensors)
         f0s, f1s = saved[:nl], saved[nl:2 * nl]
         weights = saved[2 * nl:3 * nl]
         r0s, r1s = saved[3 * nl:4 * nl], saved[4 * nl:]
-        need = [_any(x) for x in ctx.needs_input_grad]  # a list argument gives a list of bools
-        mask = [need[0], need[1], need[2] and any(w.numel() > 0 for w in weights)]
-        nones = [None] * nl  # the grads must mirror the inputs' structure (lists)
+        flags = [bool(x) for x in ctx.needs_input_grad[2:2 + 3 * ctx.nl]]  # per list tensor
+        weights_used = any(w.numel() > 0 for w in weights)
+        mask = [any(flags[:nl]), any(flags[nl:2 * nl]), any(flags[2 * nl:]) and weights_used]
+        nones = (None,) * (3 * nl)
         if not any(mask):
-            return nones, nones, nones, None
+            return (None, None) + nones
         if grad_values is None:
             grad_values = r0s[0].new_zeros(nl, f0s[0].shape[0])
         gmaps: List[Optional[torch.Tensor]] = []
-        for i in range(nl):
-            g = grad_maps[i] if (ctx.return_map and grad_maps is not None) else None
-            gmaps.append(g if g is not None and g.numel() > 0 else None)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            flags = [f for k in range(3) for f in _flags(ctx.needs_input_grad[k], nl)]
+        for g in grad_outs[:nl]:
+            gmaps.append(g if ctx.return_map and g is not None and g.numel() > 0 else None)
+        if torch.is_grad_enabled() or _legacy_batched(grad_values, *gmaps):  # (see above)
             g0s, g1s, gws = _graph_grads(f0s, f1s, weights, list(grad_values), gmaps, flags)
-            return g0s, g1s, [g if w.numel() > 0 else None for g, w in zip(gws, weights)], None
+            gws = [g if w.numel() > 0 else None for g, w in zip(gws, weights)]
+            return (None, None, *g0s, *g1s, *gws)
         g0s, g1s, gws = ops.head_all_backward(
             grad_values, gmaps, f0s, f1s, weights, r0s, r1s, mask)
-        gw_out = nones
+        none = [None] * nl
+        gw_out = none
         if mask[2]:
             gw_out = [gw.reshape(w.shape).to(w.dtype) if w.numel() > 0 else None
                       for gw, w in zip(gws, weights)]
-        return (list(g0s) if mask[0] else nones, list(g1s) if mask[1] else nones, gw_out, None)
+        return (None, None, *(list(g0s) if mask[0] else none),
+                *(list(g1s) if mask[1] else none), *gw_out)
 
-    torch.library.register_autograd(f"{ns}::head_all_forward", _backward_all,
-                                    setup_context=_setup_all)
+    def _backward_all_flat(ctx, *grads):
+        return (*_backward_all(ctx, *grads), None)  # none for the caller
+
+    def _forward_all(ctx, return_map, nl, *tensors):
+        *tensors, caller = tensors
+        values, dmaps, r0s, r1s = _redispatch(
+            ops.head_all_forward.default, caller, list(tensors[:nl]),
+            list(tensors[nl:2 * nl]), list(tensors[2 * nl:]), return_map)
+        out = (values, *dmaps, *r0s, *r1s)
+        _setup_all(ctx, (return_map, nl, *tensors), out)
+        return out
+
+    def _apply_all(caller, f0s, f1s, weights, return_map):
+        # autograd.Function tracks top-level tensors only: the lists go in flattened
+        nl = len(f0s)
+        values, *outs = _apply(HeadAllForward, return_map, nl, *f0s, *f1s, *weights, caller)
+        return values, outs[:nl], outs[nl:2 * nl], outs[2 * nl:]
+
+    def _forward_single(ctx, f0, f1, weight, return_map, caller):
+        out = _redispatch(ops.head_forward.default, caller, f0, f1, weight, return_map)
+        _setup_single(ctx, (f0, f1, weight, return_map), out)
+        return out
+
+    HeadForward = _function("HeadForward", _forward_single,
+                            lambda ctx, *g: (*_backward_single(ctx, *g), None))
+    HeadAllForward = _function("HeadAllForward", _forward_all, _backward_all_flat)
+    _register_autograd(ns, "head_forward",
+                       lambda caller, *args: _apply(HeadForward, *args, caller))
+    _register_autograd(ns, "head_all_forward", _apply_all)
+    _register_vmap(ns)
+
+
+def _function(name, forward, backward):
+    """A single-level autograd.Function: under torch.func each transform level runs the
+    op's Autograd kernel, so it records one node per level, as the built-in ops do (the
+    wrapper torch.library.register_autograd generates is rejected under torch.func:
+    pytorch/pytorch#168393; its fix, #184974, builds the same kind of function)."""
+    return type(name, (torch.autograd.function._SingleLevelFunction,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward),
+                 "jvp": staticmethod(_no_jvp)})
+
+
+def _apply(function, *args):
+    with enable_single_level_autograd_function():
+        return function.apply(*args)
+
+
+class _Caller(NamedTuple):
+    """Where an op call came from: its dispatch keys and the caller's grad modes."""
+    keyset: torch._C.DispatchKeySet
+    grad: bool
+    fwd_grad: bool
+
+
+def _redispatch(op, caller: _Caller, *args):
+    """The op's kernels below autograd (under torch.func: the next level down), in the
+    caller's grad modes: autograd.Function.forward turns them off, but a torch.func level
+    below records its own graph (grad of grad) and must see them as the caller left them."""
+    with torch._C._AutoDispatchBelowAutograd(), torch.set_grad_enabled(caller.grad), \
+            fwAD._set_fwd_grad_enabled(caller.fwd_grad):
+        return op.redispatch(caller.keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _no_jvp(ctx, *tangents):
+    raise NotImplementedError(
+        "lpips_fast: the fused head has no forward-mode derivative (torch.func.jvp, jacfwd, "
+        "torch.autograd.forward_ad); use reverse mode (torch.func.grad, vjp, jacrev) or "
+        "impl='reference'")
+
+
+def _differentiating(args) -> bool:
+    """Whether an op call must go through its autograd.Function: reverse mode records a
+    graph, or a torch.func transform (grad, jvp) or forward-mode AD wraps the inputs.
+    The common cases cost two C++ checks (this runs on every call)."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return True
+    functorch = torch._C._are_functorch_transforms_active()
+    if not functorch and fwAD._current_level < 0:
+        return False
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+               if isinstance(t, torch.Tensor)]
+    return any(torch._C._functorch.is_gradtrackingtensor(t) or
+               fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+_libs: dict = {}  # the registrations last as long as their Library objects
+
+
+def _register_autograd(ns: str, name: str, apply) -> None:
+    """The op's Autograd kernel: `apply(caller, *args)` (through its autograd.Function)
+    when differentiating, else straight to the kernels below autograd."""
+    op = getattr(getattr(torch.ops, ns), name).default
+
+    def kernel(keyset, *args):
+        if _differentiating(args):
+            return apply(_Caller(keyset, torch.is_grad_enabled(),
+                                 torch._C._is_fwd_grad_enabled()), *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    lib = _libs.setdefault(ns, torch.library.Library(ns, "IMPL"))
+    lib.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+# ------------------------------------------------------------------- vmap (batching rules)
+# Each op's per-sample dimension of every argument and output (`values` of the all-layer ops
+# is L x N: dimension 1); None marks the per-layer channel weights, which are shared by all
+# samples. A vmapped call folds the vmap dimension into the sample dimension and runs the
+# kernels once on the larger batch, where weights are shared and no weight gradient (a sum
+# over the samples) is asked for; otherwise it loops over the vmapped dimension.
+_SAMPLE_DIMS = {
+    "head_forward": ((0, 0, None, None), (0, 0, 0, 0)),
+    "head_backward": ((0, 0, 0, 0, None, 0, 0, None), (0, 0, None)),
+    "head_all_forward": ((0, 0, None, None), (1, 0, 0, 0)),
+    "head_all_backward": ((1, 0, 0, 0, None, 0, 0, None), (0, 0, None)),
+}
+
+
+def _flat(tree):
+    """Leaves of an argument tree, None and non-tensors included (in_dims has one per leaf)."""
+    return tree_flatten(tree, is_leaf=lambda x: x is None)
+
+
+def _fold(x, bdim, size: int, dim: int):
+    """(per-sample shape with the vmap dim at bdim) -> the vmap dim merged into `dim`."""
+    x = x.movedim(bdim, 0) if bdim is not None else x.expand(size, *x.shape)
+    return x.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _unfold(y, size: int, dim: int):
+    """The inverse of _fold on an output; a placeholder (an empty 1-D output for a map or
+    gradient that was not asked for) is not batched."""
+    if y.dim() == 1 and y.numel() == 0:
+        return y, None
+    return y.unflatten(dim, (size, -1)), dim
+
+
+def _vmap_loop(op, size, in_dims, args):
+    """The general rule: one call per vmapped index, outputs stacked along dim 0."""
+    leaves, spec = _flat(args)
+    dims = _flat(in_dims)[0]
+    outs = []
+    for i in range(size):
+        sliced = [x if d is None else x.select(d, i) for x, d in zip(leaves, dims)]
+        outs.append(op(*tree_unflatten(sliced, spec)))
+    flat_outs, out_spec = tree_flatten(outs[0])
+    per_index = [tree_flatten(o)[0] for o in outs]
+    stacked = [torch.stack([o[k] for o in per_index]) for k in range(len(flat_outs))]
+    return tree_unflatten(stacked, out_spec), tree_unflatten([0] * len(stacked), out_spec)
+
+
+def _vmap_rule(op, arg_dims, out_dims):
+    """The batching rule of `op` (torch.library.register_vmap's form), see _SAMPLE_DIMS."""
+    backward = op.name().endswith("backward")
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        shared_batched = any(e is not None for a, d in zip(arg_dims, in_dims) if a is None
+                             for e in _flat(d)[0])
+        if shared_batched or (backward and args[-1][2]):  # args[-1]: output_mask
+            return _vmap_loop(op, size, in_dims, args)
+        folded = []
+        for a, x, d in zip(arg_dims, args, in_dims):
+            if a is None or x is None:
+                folded.append(x)
+            elif isinstance(x, (list, tuple)):
+                folded.append([t if t is None else _fold(t, e, size, a) for t, e in zip(x, d)])
+            else:
+                folded.append(_fold(x, d, size, a))
+        result, dims = [], []
+        for y, a in zip(op(*folded), out_dims):
+            if isinstance(y, (list, tuple)):
+                pairs = [_unfold(t, size, a) for t in y]
+                result.append([p[0] for p in pairs])
+                dims.append([p[1] for p in pairs])
+            else:
+                t, dim = _unfold(y, size, a)
+                result.append(t)
+                dims.append(dim)
+        return tuple(result), tuple(dims)
+    return rule
+
+
+def _register_vmap(ns: str) -> None:
+    if not hasattr(torch.library, "register_vmap"):  # older torch: functorch's fallback
+        return  # (a loop; it cannot batch the all-layer ops, whose outputs are lists)
+    lib = _libs.setdefault(ns, torch.library.Library(ns, "IMPL"))
+    for name, (arg_dims, out_dims) in _SAMPLE_DIMS.items():
+        op = getattr(getattr(torch.ops, ns), name).default
+        torch.library.register_vmap(op, _vmap_rule(op, arg_dims, out_dims), lib=lib)
 
 
 # --------------------------------------------------------------------- public wrappers

@@ -105,6 +105,15 @@ def _select_head(impl: str):
     return reference.head, reference.head_all
 
 
+def recording_graph() -> bool:
+    """True while torch.jit.trace, torch.onnx.export or torch.export records a graph. The
+    model then runs the reference head: the recorded graph holds standard ops only, so it
+    loads without the extension and ONNX can express it (torch.compile keeps the fused
+    ops; it only records them to run them in the same process)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
+
+
 class LPIPS(nn.Module):
     """Learned Perceptual Image Patch Similarity, with the official module's interface.
 
@@ -220,7 +229,8 @@ class LPIPS(nn.Module):
         elif self._one_launch(in0, in1):
             f0s, f1s = zip(*self._features(in0, in1))
             weights = [lin.weight for lin in self.lins] if self.lpips else [None] * self.L
-            values, maps = self._head_all(f0s, f1s, weights, return_map=out_size is not None)
+            head_all = reference.head_all if recording_graph() else self._head_all
+            values, maps = head_all(f0s, f1s, weights, return_map=out_size is not None)
             if out_size is None and not retPerLayer and values.dtype == torch.float32:
                 # One launch instead of L - 1 adds. In float64 the sum of L float32 values is
                 # exact (unless they span over 2^27), so the result does not depend on the
@@ -247,8 +257,8 @@ class LPIPS(nn.Module):
         the model's precision: the caller consumes a layer before the next is computed, so
         without autograd only one stage's activations are alive ("streaming")."""
         low = PRECISIONS[self.precision]
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last and not torch._C._are_functorch_transforms_active():
+            x = x.contiguous(memory_format=torch.channels_last)  # (vmap cannot: layout only)
         for block in self.net.slices():  # (autocast knows no meta device: shapes only there)
             with (contextlib.nullcontext() if x.device.type == "meta" else
                   torch.autocast(x.device.type, dtype=low, enabled=low is not None)):
@@ -287,7 +297,8 @@ class LPIPS(nn.Module):
             d = self.lins[k](((reference.normalize(f0) - reference.normalize(f1)) ** 2)
                              .contiguous())
             return d.mean(dim=(1, 2, 3)), d
-        return self._head(f0, f1, weight, return_map=want_map)
+        head = reference.head if recording_graph() else self._head
+        return head(f0, f1, weight, return_map=want_map)
 
     def embed(self, x, normalize=False):
         """Per-layer sqrt(w)-scaled normalized features of images x: LPIPS between two
@@ -339,8 +350,10 @@ class LPIPS(nn.Module):
     def _warn_if_out_of_range(self, in0, in1, normalize):
         """One warning per model when the first call's inputs are very likely in the wrong
         range. Only the first call is looked at: the look costs a device sync. Never while
-        compiling or capturing a CUDA graph."""
-        if torch.compiler.is_compiling() or self._range_checked:
+        compiling, recording a graph (export, trace), under torch.func transforms (vmap
+        cannot read values) or capturing a CUDA graph."""
+        if (torch.compiler.is_compiling() or self._range_checked or recording_graph()
+                or torch._C._are_functorch_transforms_active()):
             return
         if in0.device.type == "meta" or 0 in (in0.numel(), in1.numel()) or (
                 in0.is_cuda and torch.cuda.is_current_stream_capturing()):
