@@ -557,8 +557,9 @@ def _video_on(args, ctx) -> int:
     import torch
     from lpips_fast.distributed import ShardError
     from lpips_fast.folders import UsageError, format_value, summary
-    from lpips_fast.video import VideoPairs
+    from lpips_fast.video import VideoPairs, _av
     from tqdm import tqdm
+    _av()  # a missing PyAV is said before any other work
     if args.output and not Path(args.output).parent.exists():
         raise UsageError(f"{Path(args.output).parent}: no such directory for the output file")
     model = _agree(ctx, lambda: _model(args, device=ctx.device))
