@@ -175,7 +175,8 @@ def test_meta_device_in_every_mode():
 # --- grey inputs ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("net,spatial", [("alex", False), ("alex", True), ("squeeze", False)])
+@pytest.mark.parametrize("net,spatial", [("alex", False), ("alex", True),
+                                         pytest.param("squeeze", False, marks=pytest.mark.slow)])
 def test_grey_inputs_match_official(net, spatial, impl):
     """N x 1 x H x W: upstream's scaling layer broadcasts them to 3 channels; ours does the
     same, also against a 3-channel image and with normalize=True. Float32 as in test_parity:
@@ -262,7 +263,8 @@ def test_dropout_acts_while_the_lins_train():
 # --- float64 -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("net,spatial", [("alex", False), ("alex", True), ("squeeze", True),
+@pytest.mark.parametrize("net,spatial", [("alex", False), ("alex", True),
+                                         pytest.param("squeeze", True, marks=pytest.mark.slow),
                                          pytest.param("vgg", False, marks=pytest.mark.slow)])
 def test_float64_module_matches_official_in_float64(net, spatial, impl):
     """model.double() end to end (backbone, head, per-layer values, spatial maps, input
