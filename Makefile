@@ -1,12 +1,13 @@
 # `make demo`: set everything up and score the built-in example with real weights.
 # `make test`: set everything up and run the test suite.
+# `make wheel-check`: build the wheel, install it into a fresh venv and run the demo there.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch 2.14.1 + torchvision 0.29.1 match each other and the official lpips package's needs.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup build demo test bench clean
+.PHONY: setup build demo test wheel-check bench clean
 setup: $(VENV)/.deps build
 
 $(VENV)/.deps: pyproject.toml
@@ -29,6 +30,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+wheel-check: setup
+	PY=$(abspath $(BIN))/python BASE_PY=$(PY) bash tests/wheel_check.sh
 
 bench: setup
 	$(BIN)/python benchmarks/bench_head.py

@@ -2,11 +2,13 @@
 
 CPU kernels are always built. CUDA kernels are added when torch has CUDA and nvcc is found
 (or FORCE_CUDA=1); LPIPS_FAST_NO_CUDA=1 forces a CPU-only build. Build with
-`pip install --no-build-isolation -e .` (an isolated build would fetch another torch).
+`pip install --no-build-isolation -e .` (an isolated build would fetch another torch); a wheel
+with `pip wheel --no-build-isolation --no-deps -w dist .` (tests/wheel_check.sh checks one).
 """
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -94,7 +96,18 @@ def _extensions():
     return [ext]
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """One object directory per Python for every build: an editable install (a temporary one
+    by default) and a wheel build then share ninja's objects and its record of the compile
+    commands, so the wheel after `make build` recompiles nothing that is unchanged (the CUDA
+    source alone takes minutes on 2 cores). Other flags or headers still recompile."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(HERE, "build", f"ext.{sys.implementation.cache_tag}")
+
+
 setup(
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -181,6 +181,8 @@ def cmd_allpairs(args) -> int:
 
 def cmd_video(args) -> int:
     from lpips_fast.jobs import VideoJob
+    from lpips_fast.video import _av
+    _av()  # a missing PyAV is said before any other work
     return _run_job(args, VideoJob(args.ref, args.dist))
 
 

@@ -45,8 +45,7 @@ def cuda_graphed(model: nn.Module, in0: torch.Tensor, in1: torch.Tensor, normali
         if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
             raise ValueError(f"cuda_graphed: {name} must be a CUDA tensor, got "
                              f"{getattr(x, 'device', type(x).__name__)}")
-    if model.training and getattr(model, "use_dropout", False) and any(
-            p.requires_grad for p in model.parameters()):
+    if getattr(model, "_dropout_active", lambda: False)():  # lpips_fast.LPIPS's own rule
         raise ValueError("cuda_graphed: the model is in train mode with dropout on trainable lin "
                          "layers; a graph would replay one dropout mask. Call model.eval().")
     call = _Call(model, normalize)

@@ -16,6 +16,8 @@ from .backbones import Backbone, canonical, feature_sizes, too_small
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
+# The backbone's autocast dtype per `precision`; precision=None (the default) follows the
+# caller: an enclosing torch.autocast applies, else float32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Inputs up to this many pixels per image take the all-layer head (one launch) even without
 # autograd: their features are small, so keeping all layers alive costs little memory.
@@ -73,6 +75,14 @@ def parse_bytes(budget, what="memory_budget", minimum=1):
     return int(value)
 
 
+def _autocast(device_type, dtype=None, enabled=True):
+    """torch.autocast, or nothing on the meta device, which autocast does not know (shapes
+    are all that runs there)."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def _fused_ops():
     """The compiled ops module, or None (with the reason) when the extension is not built."""
     try:
@@ -122,10 +132,15 @@ class LPIPS(nn.Module):
       the lin layers with eval_mode=False (upstream leaves lin weights trainable always);
     - pretrained lin weights load also with use_dropout=False (upstream's key mismatch
       silently leaves them random there);
-    - the gradient at an all-zero feature vector is finite (upstream: NaN).
+    - the gradient at an all-zero feature vector is finite (upstream: NaN);
+    - dropout acts in train mode only while the lin layers train (eval_mode=False, or their
+      requires_grad set): train() on a parent module leaves a frozen LPIPS deterministic;
+    - N x 1 x H x W inputs are broadcast to 3 channels also with version='0.0'.
     Extra keyword-only arguments: impl ('auto', 'fused', 'reference') picks the head;
-    backbone_path names a backbone weight file (see `lpips_fast.weights`); precision
-    ('fp32' exact, 'bf16', 'fp16') runs the backbone under autocast, the head in float32;
+    backbone_path names a backbone weight file (see `lpips_fast.weights`); precision: None
+    (default) runs the backbone as the caller does (under an enclosing torch.autocast in its
+    dtype, else float32), 'fp32' forces float32 even inside autocast, 'bf16' / 'fp16' run it
+    under autocast to that dtype; the head always accumulates in float32 (float64 inputs: float64);
     tile_size (input pixels) or memory_budget (bytes, or a string such as '16GiB') splits
     large images into exact overlapping tiles (see `lpips_fast.tiling`); both attributes
     can also be set after construction; channels_last (default True) runs the backbone in
@@ -135,7 +150,7 @@ class LPIPS(nn.Module):
     def __init__(self, pretrained=True, net="alex", version="0.1", lpips=True, spatial=False,
                  pnet_rand=False, pnet_tune=False, use_dropout=True, model_path=None,
                  eval_mode=True, verbose=True, *, impl="auto", backbone_path=None,
-                 precision="fp32", tile_size=None, memory_budget=None, channels_last=True):
+                 precision=None, tile_size=None, memory_budget=None, channels_last=True):
         super().__init__()
         if version not in ("0.1", "0.0"):
             raise ValueError(f"version must be '0.1' or '0.0', got {version!r}")
@@ -143,9 +158,7 @@ class LPIPS(nn.Module):
         self.pnet_tune, self.pnet_rand = pnet_tune, pnet_rand
         self.spatial, self.lpips, self.use_dropout = spatial, lpips, use_dropout
         self.impl = impl
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        self.precision = precision          # validated by the property below
         self.tile_size = tile_size          # validated by the properties below
         self.memory_budget = memory_budget
         self._range_checked = False
@@ -177,6 +190,18 @@ class LPIPS(nn.Module):
             self.lins.requires_grad_(not eval_mode)
         if eval_mode:
             self.eval()
+
+    @property
+    def precision(self):
+        """The backbone's precision: None (follow the caller's autocast), 'fp32', 'bf16', 'fp16'."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value):
+        if value is not None and value not in PRECISIONS:
+            raise ValueError(f"precision must be None (follow the caller's autocast) or one of "
+                             f"{sorted(PRECISIONS)}, got {value!r}")
+        self._precision = value
 
     @property
     def tile_size(self):
@@ -247,21 +272,39 @@ class LPIPS(nn.Module):
         return (val, res) if retPerLayer else val
 
     def preprocess(self, x, normalize=False):
-        """The input mapping: [0, 1] -> [-1, 1] when normalize, then v0.1's scaling layer."""
+        """The input mapping: [0, 1] -> [-1, 1] when normalize, then v0.1's scaling layer.
+        Grey N x 1 x H x W images become 3 equal channels, as upstream's scaling layer
+        broadcasts them (a view: no copy before the scaling)."""
         if normalize:
             x = 2 * x - 1
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
         return self.scaling_layer(x) if self.version == "0.1" else x
+
+    def _precision_context(self, device_type):
+        """The autocast state the backbone runs in: the caller's for precision=None, else
+        autocast off ('fp32') or on in the precision's dtype."""
+        if self.precision is None:
+            return contextlib.nullcontext()
+        low = PRECISIONS[self.precision]
+        return _autocast(device_type, dtype=low, enabled=low is not None)
+
+    def _backbone_dtype(self, x):
+        """The dtype of the backbone's features for inputs x (autocast leaves float64 alone)."""
+        low = PRECISIONS.get(self.precision)
+        if self.precision is None and x.device.type != "meta" and torch.is_autocast_enabled(
+                x.device.type):
+            low = torch.get_autocast_dtype(x.device.type)
+        return x.dtype if low is None or x.dtype == torch.float64 else low
 
     def features(self, x):
         """Yield each layer's features of preprocessed images x, one slice at a time, under
         the model's precision: the caller consumes a layer before the next is computed, so
         without autograd only one stage's activations are alive ("streaming")."""
-        low = PRECISIONS[self.precision]
         if self.channels_last and not torch._C._are_functorch_transforms_active():
             x = x.contiguous(memory_format=torch.channels_last)  # (vmap cannot: layout only)
-        for block in self.net.slices():  # (autocast knows no meta device: shapes only there)
-            with (contextlib.nullcontext() if x.device.type == "meta" else
-                  torch.autocast(x.device.type, dtype=low, enabled=low is not None)):
+        for block in self.net.slices():
+            with self._precision_context(x.device.type):
                 x = block(x)
             yield x
 
@@ -282,7 +325,7 @@ class LPIPS(nn.Module):
         """All layers' heads in one op when the features are alive anyway (autograd keeps
         them) or small (training-size images), where launch overhead dominates; streaming
         per layer otherwise, to free each layer's features as soon as it is consumed."""
-        if self.training and self.lpips and self.use_dropout:
+        if self._dropout_active():
             return False
         recording = torch.is_grad_enabled() and (
             in0.requires_grad or in1.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -291,14 +334,24 @@ class LPIPS(nn.Module):
     def _layer(self, k, f0, f1, want_map):
         """One layer's head: (per-sample value N, map N x 1 x h x w or None)."""
         weight = self.lins[k].weight if self.lpips else None
-        if self.lpips and self.use_dropout and self.training:
+        if self._dropout_active():
             # Dropout acts on the squared differences before the 1x1 conv: upstream's order,
-            # on an NCHW tensor so its random mask is drawn in upstream's element order.
-            d = self.lins[k](((reference.normalize(f0) - reference.normalize(f1)) ** 2)
-                             .contiguous())
+            # on an NCHW tensor so its random mask is drawn in upstream's element order. In
+            # float32 like the other heads, also under an enclosing autocast.
+            if f0.dtype in (torch.float16, torch.bfloat16):
+                f0, f1 = f0.float(), f1.float()
+            with _autocast(f0.device.type, enabled=False):
+                d = self.lins[k](((reference.normalize(f0) - reference.normalize(f1)) ** 2)
+                                 .contiguous())
             return d.mean(dim=(1, 2, 3)), d
         head = reference.head if recording_graph() else self._head
         return head(f0, f1, weight, return_map=want_map)
+
+    def _dropout_active(self):
+        """Dropout acts only in train mode on lin layers that train: a frozen LPIPS (the
+        default) inside a parent module in train() stays deterministic."""
+        return (self.training and self.lpips and self.use_dropout
+                and any(p.requires_grad for p in self.lins.parameters()))
 
     def embed(self, x, normalize=False):
         """Per-layer sqrt(w)-scaled normalized features of images x: LPIPS between two
@@ -312,11 +365,11 @@ class LPIPS(nn.Module):
         """The tile core size for these inputs, or None to run untiled."""
         if self.tile_size is None and self.memory_budget is None:
             return None
-        if self.training and self.lpips and self.use_dropout:
+        if self._dropout_active():
             return None  # dropout masks cannot be made to agree across tiles
         tile = self.tile_size
         if tile is None:
-            element = 2 if self.precision != "fp32" else in0.element_size()
+            element = self._backbone_dtype(in0).itemsize
             tile = tiling.tile_for_budget(self.pnet_type, self.memory_budget, element,
                                           in0.shape[0] + in1.shape[0])
         return tile if tile < max(in0.shape[2:]) else None
@@ -376,8 +429,9 @@ class LPIPS(nn.Module):
         for name, x in zip(names, (in0, in1)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4 or x.shape[1] != 3:
-                raise ValueError(f"{name} must be N x 3 x H x W (RGB), got shape {tuple(x.shape)}")
+            if x.dim() != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(f"{name} must be N x 3 x H x W (RGB) or N x 1 x H x W (grey), "
+                                 f"got shape {tuple(x.shape)}")
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if in0.device != in1.device:

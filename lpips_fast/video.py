@@ -15,7 +15,8 @@ def _av():
     try:
         import av
     except ImportError:
-        raise UsageError("the video command needs PyAV: pip install av") from None
+        raise UsageError("the video command needs PyAV (FFmpeg), which is not installed: "
+                         "pip install 'lpips_fast[video]' (or pip install av)") from None
     return av
 
 

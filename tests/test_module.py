@@ -102,7 +102,7 @@ def test_functional_caches_the_module():
 
 
 @pytest.mark.parametrize("x0,x1,message", [
-    (torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64), "N x 3 x H x W"),
+    (torch.rand(2, 2, 64, 64), torch.rand(2, 2, 64, 64), "N x 3 x H x W"),
     (torch.rand(3, 64, 64), torch.rand(3, 64, 64), "N x 3 x H x W"),
     (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.zeros(1, 3, 64, 64), "floating"),
     (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 65), "differ in size"),
@@ -234,7 +234,7 @@ def test_meta_device():
 @pytest.mark.parametrize("bad,error,message", [
     (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError,
      "must be a floating-point tensor, got torch.uint8"),
-    (torch.zeros(2, 4, 64, 64), ValueError, r"must be N x 3 x H x W \(RGB\), got shape"),
+    (torch.zeros(2, 4, 64, 64), ValueError, r"must be N x 3 x H x W \(RGB\)"),
 ])
 def test_pairwise_and_embed_reject_what_forward_rejects(bad, error, message):
     model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False)
