@@ -84,8 +84,8 @@ def test_errors_are_clear():
     with pytest.raises(RuntimeError, match=r"compute\(\) before any update"):
         metric.compute()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    with pytest.raises(ValueError, match=r"in0 must be N x 3 x H x W \(RGB\), got shape "
-                                         r"\(2, 4, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"in0 must be N x 3 x H x W \(RGB\) or N x 1 x H x W "
+                                         r"\(grey\), got shape \(2, 4, 64, 64\)"):
         metric.update(torch.rand(2, 4, 64, 64), x)
     with pytest.raises(ValueError, match="in0 and in1 differ in size"):
         metric.update(x, torch.rand(2, 3, 64, 72))
