@@ -19,7 +19,6 @@ from pathlib import Path
 
 NETS = ["alex", "vgg", "squeeze"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
-MAX_LISTED = 20
 BROKEN_PIPE = 141  # the reader of stdout went away: the status of a command killed by SIGPIPE
 
 
@@ -142,6 +141,7 @@ def _run_job(args, job) -> int:
 
 
 def _report(args, job, o) -> None:
+    from lpips_fast.jobs import MAX_LISTED
     if o.failures:
         by_msg: dict[str, int] = {}
         for _, msg in o.failures:

@@ -270,8 +270,9 @@ class CsvOutput:
         # A complete file is exactly what this writer writes for its rows; an interrupted one
         # may end in part of a row (a kill between two writes), which can end in a newline only
         # inside a quoted name.
-        complete = rows if _csv_text(rows) == text else rows[:-1]
-        good = _csv_text(complete)
+        full = _csv_text(rows)
+        complete = rows if full == text else rows[:-1]
+        good = full if full == text else full[:len(full) - len(_csv_text(rows[-1:]))]
         rest = text[len(good):]
         if not text.startswith(good) or (rest.endswith("\n") and '"' not in rest):
             line = _first_foreign_row(text, rows)
