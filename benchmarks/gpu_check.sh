@@ -94,6 +94,7 @@ if [ $BUILD_RC -eq 0 ]; then
   XDIST=""
   $PYTHON -c "import xdist" 2>/dev/null && XDIST="-n 4"
   step pytest-cuda 240 $PYTHON -m pytest -m cuda tests/test_kernels.py tests/test_cuda_model.py \
+    tests/test_func.py tests/test_metric.py \
     -q -p no:cacheprovider $XDIST &
   for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 240 "$SAN" --tool $tool --error-exitcode 1 \

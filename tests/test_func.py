@@ -17,10 +17,11 @@ import lpips_fast
 import lpips_fast._ops
 from lpips_fast import reference as R
 from conftest import fused_available, randomize_lins
-from test_kernels import feats, make_weight, ops
+from test_kernels import DEVICES, feats, make_weight, ops, tdev
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="lpips_fast extension not built")
-DEVICES = ["cpu", "emu"]  # emu: the CUDA kernels' source, run on the CPU (tests/emu.py)
+# DEVICES: "cpu", "emu" (the CUDA kernels' source, run on the CPU by tests/emu.py) and "cuda"
+# (the real kernels; marked `cuda`, skipped without a GPU).
 RTOL = 1e-10
 
 
@@ -115,11 +116,12 @@ def test_per_sample_lin_weight_grads():
 
 
 # ------------------------------------------------------------------------------- op level
-def layer(n=3, c=6, h=4, w=5, seed=0):
-    """f0, f1 (N x C x h x w, ReLU'ed, offset from the norm's kink at 0) and weights."""
+def layer(n=3, c=6, h=4, w=5, seed=0, device="cpu"):
+    """f0, f1 (N x C x h x w, ReLU'ed, offset from the norm's kink at 0) and weights, where
+    the ops of `device` take them."""
     f0 = feats((n, c, h, w), torch.float64, seed=seed) + 0.05
     f1 = feats((n, c, h, w), torch.float64, seed=seed + 1) + 0.05
-    return f0, f1, make_weight(c, "cpu", torch.float64)
+    return tuple(t.to(tdev(device)) for t in (f0, f1, make_weight(c, "cpu", torch.float64)))
 
 
 def loss_single(head):
@@ -133,8 +135,8 @@ def loss_all(head_all):
     def fn(f0, f1, w):  # two layers: a second one of other size, unweighted
         values, maps = head_all([f0, f0[:, :3, :2]], [f1, f1[:, :3, :2]], [w, None],
                                 return_map=True)
-        return (values * torch.arange(1., 3., dtype=values.dtype)[:, None]).sum() + \
-            (maps[0] ** 2).sum() + maps[1].sum()
+        scale = torch.arange(1., 3., dtype=values.dtype, device=values.device)[:, None]
+        return (values * scale).sum() + (maps[0] ** 2).sum() + maps[1].sum()
     return fn
 
 
@@ -147,7 +149,7 @@ LOSSES = {"head": (lambda o: loss_single(o.head), loss_single(R.head)),
 @pytest.mark.parametrize("transform", ["grad", "jacrev"])
 def test_grad_op(device, op, transform):
     make, expected_fn = LOSSES[op]
-    args = layer()
+    args = layer(device=device)
     fn = (grad if transform == "grad" else jacrev)(make(ops(device)), argnums=(0, 1, 2))
     leaves = [a.clone().requires_grad_() for a in args]
     expected = torch.autograd.grad(expected_fn(*leaves), leaves)
@@ -160,7 +162,7 @@ def test_vmap_op_equals_batched_call(device):
     """A vmapped call folds the vmap dimension into the samples; the shared-weight, one-side
     (in_dims None) and batched-weight (a loop) cases all equal the reference."""
     o = ops(device)
-    f0, f1, w = layer(n=6)
+    f0, f1, w = layer(device=device, n=6)
     b0, b1 = f0.view(3, 2, *f0.shape[1:]), f1.view(3, 2, *f1.shape[1:])
     ws = torch.stack([w, 2 * w, w.flip(1)])
     for fn, ref in ((lambda a, b, wt: o.head(a, b, wt, return_map=True),
@@ -193,7 +195,7 @@ def test_vmap_folds_into_one_call(monkeypatch):
 @pytest.mark.parametrize("op", LOSSES)
 def test_vmap_grad_per_sample_op(device, op):
     make, expected_fn = LOSSES[op]
-    f0, f1, w = layer(n=4)
+    f0, f1, w = layer(device=device, n=4)
     per_sample = vmap(grad(make(ops(device)), argnums=(0, 1, 2)), in_dims=(0, 0, None))(
         f0[:, None], f1[:, None], w)
     for i in range(4):
@@ -210,8 +212,8 @@ def test_vmapped_fused_backward(device, op, weight_grad):
     """vmap over a vjp without create_graph runs the fused backward ops themselves under
     vmap (their batching rules; a weight gradient, a sum over samples, by a loop)."""
     make, expected_fn = LOSSES[op]
-    f0, f1, w = layer(n=2)
-    seeds = torch.tensor([1., -2., 0.5], dtype=torch.float64)
+    f0, f1, w = layer(device=device, n=2)
+    seeds = torch.tensor([1., -2., 0.5], dtype=torch.float64, device=tdev(device))
 
     def rows(fn):
         if weight_grad:
@@ -229,8 +231,8 @@ def test_vmapped_fused_backward(device, op, weight_grad):
 def test_is_grads_batched_op(device, op):
     """PyTorch's older vmap over the backward (see test_vectorized_jacobian_model)."""
     make, expected_fn = LOSSES[op]
-    args = layer(n=2)
-    seeds = torch.tensor([1., -2., 0.5], dtype=torch.float64)
+    args = layer(device=device, n=2)
+    seeds = torch.tensor([1., -2., 0.5], dtype=torch.float64, device=tdev(device))
 
     def rows(fn):
         leaves = [a.clone().requires_grad_() for a in args]
@@ -242,7 +244,7 @@ def test_is_grads_batched_op(device, op):
 @pytest.mark.parametrize("device", DEVICES)
 def test_second_order_through_func(device):
     """grad of a grad: the inner backward records the reference math, so it nests."""
-    f0, f1, w = layer()
+    f0, f1, w = layer(device=device)
     inner = loss_single(ops(device).head)
     outer = grad(lambda a: (grad(inner)(a, f1, w) ** 2).sum())(f0)
     expected = grad(lambda a: (grad(loss_single(R.head))(a, f1, w) ** 2).sum())(f0)
