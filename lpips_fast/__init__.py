@@ -1,4 +1,5 @@
 """lpips_fast: a drop-in, faster LPIPS (Zhang et al., CVPR 2018) for PyTorch."""
+from .compat import im2tensor, load_image, tensor2im
 from .embed import Embedding, distance as embedding_distance
 from .graphs import cuda_graphed
 from .metric import LPIPSMetric
@@ -7,5 +8,5 @@ from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
 
 __all__ = ["LPIPS", "lpips", "WeightsNotFound", "Embedding", "embedding_distance", "pairwise",
-           "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric"]
+           "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric", "load_image", "im2tensor", "tensor2im"]
 __version__ = "0.1.0"
