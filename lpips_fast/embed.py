@@ -14,6 +14,9 @@ lpips=False models (the "baseline" unweighted channel sum) use w = 1.
 """
 from __future__ import annotations
 
+import operator
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -89,10 +92,33 @@ class Embedding:
                          dict(self.meta))
 
     def __getitem__(self, index) -> "Embedding":
-        """Images by index: an int keeps a batch of 1; slices, lists and tensors as in torch."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self._like(t[index] for t in self.layers)
+        """Images by index: an int (also a NumPy or 0-d tensor integer) keeps a batch of 1 and
+        must be in range, as a list's; slices, lists and 1-D tensors select as in torch.
+        Anything that would index inside the images (a tuple, None, a bool) is refused."""
+        n = len(self)
+        i = None
+        if index is None or isinstance(index, (bool, str, bytes, float, tuple)):
+            raise TypeError(f"Embedding indexes images only (an int, a slice, a list or a 1-D "
+                            f"tensor of indices or mask), got {_describe(index)}")
+        if not isinstance(index, (slice, list)) and not (
+                isinstance(index, torch.Tensor) and index.dim() != 0):
+            try:
+                i = operator.index(index)
+            except TypeError:
+                i = None
+        if i is not None:
+            if not -n <= i < n:
+                raise IndexError(f"Embedding index {i} is out of range for {n} images")
+            index = slice(i % n, i % n + 1)
+        try:
+            layers = [t[index] for t in self.layers]
+        except (IndexError, TypeError, ValueError) as e:
+            raise type(e)(f"Embedding of {n} images: bad index {_describe(index)}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if layers[0].dim() != 4:
+            raise TypeError(f"Embedding indexes images only (an int, a slice, a list or a 1-D "
+                            f"tensor of indices or mask), got {_describe(index)}")
+        return self._like(layers)
 
     def to(self, *args, **kwargs) -> "Embedding":
         """As Tensor.to (device and/or dtype) for every layer."""
@@ -116,6 +142,10 @@ class Embedding:
         embeddings = list(embeddings)
         if not embeddings:
             raise ValueError("Embedding.cat needs at least one embedding")
+        for k, e in enumerate(embeddings):
+            if not isinstance(e, Embedding):
+                raise TypeError(f"Embedding.cat: item {k} is a {type(e).__name__}, not an "
+                                "Embedding")
         first = embeddings[0]
         for e in embeddings[1:]:
             check_compatible(first, e)
@@ -133,19 +163,78 @@ class Embedding:
 
     @classmethod
     def load(cls, path, map_location="cpu", mmap: bool = False) -> "Embedding":
+        """Read a file written by `save` (weights_only=True: plain tensors and strings only).
+        A missing file raises FileNotFoundError; a file that is truncated, corrupted, of
+        another kind, or whose fields do not fit together raises ValueError naming it."""
         kwargs = {"mmap": True} if mmap else {}
-        data = torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+        try:
+            data = torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise  # these name the path already
+        except Exception as e:  # torch.load's errors for bad files vary (EOFError, KeyError, ..)
+            if isinstance(e, pickle.UnpicklingError):
+                detail = ": it holds Python objects other than tensors (weights_only refuses them)"
+            else:  # the first line of torch's message, without its terminal colour codes
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+                detail = ": " + first[0][:120] if first else ""
+            raise ValueError(f"{path}: not a readable lpips_fast.Embedding file (truncated, "
+                             f"corrupted or another kind of file: {type(e).__name__}"
+                             f"{detail})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a saved lpips_fast.Embedding")
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: Embedding format version {data.get('format_version')} "
                              f"is not supported (this version reads {FORMAT_VERSION})")
+        problem = _file_problem(data)
+        if problem:
+            raise ValueError(f"{path}: corrupted lpips_fast.Embedding file: {problem}")
         return cls(list(data["layers"]), data["net"], data["version"], bool(data["lpips"]),
                    tuple(data["size"]))
 
 
+def _describe(index) -> str:
+    """An index on one line, for an error message."""
+    if isinstance(index, torch.Tensor):
+        return (f"a {index.dim()}-D {index.dtype} tensor of shape {tuple(index.shape)}"
+                if index.numel() > 8 or index.dim() > 1 else f"tensor({index.tolist()})")
+    text = repr(index)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _file_problem(data: dict) -> str | None:
+    """Why a loaded Embedding file's fields do not describe an embedding, or None. Shapes only
+    (a memory-mapped file is not read): the net's layer count, channels and feature sizes for
+    the stored image size, one image count."""
+    from .backbones import NETS, feature_sizes
+    net, version, size, layers = (data.get(k) for k in ("net", "version", "size", "layers"))
+    if net not in NETS:
+        return f"net {net!r} is not one of {sorted(NETS)}"
+    if version not in ("0.1", "0.0") or not isinstance(data.get("lpips"), bool):
+        return f"version {version!r} / lpips {data.get('lpips')!r} are not a model's"
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in size)):
+        return f"size {size!r} is not an image size [H, W]"
+    if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+            for t in layers):
+        return "layers are not a list of floating-point N x C x h x w tensors"
+    channels = NETS[net][2]
+    want = [(c, h, w) for c, h, w in zip(channels, feature_sizes(net, size[0]),
+                                         feature_sizes(net, size[1]))]
+    got = [tuple(t.shape[1:]) for t in layers]
+    if got != want:
+        return f"layer shapes {got} are not {net}'s for {size[0]}x{size[1]} images {want}"
+    if len({t.shape[0] for t in layers}) != 1:
+        return f"layers hold different numbers of images {[t.shape[0] for t in layers]}"
+    return None
+
+
 def check_compatible(e0: Embedding, e1: Embedding) -> None:
-    """Raise ValueError unless e0 and e1 come from the same kind of model and image size."""
+    """Raise ValueError unless e0 and e1 come from the same kind of model and image size, on
+    one device."""
+    for e in (e0, e1):
+        if not isinstance(e, Embedding):
+            raise TypeError(f"expected an Embedding, got {type(e).__name__}")
     for name in ("net", "version", "lpips"):
         if getattr(e0, name) != getattr(e1, name):
             raise ValueError(f"embeddings differ in {name}: {getattr(e0, name)!r} vs "
@@ -155,10 +244,15 @@ def check_compatible(e0: Embedding, e1: Embedding) -> None:
                          f"{tuple(e1.size)} (LPIPS compares images of one size)")
     if len(e0.layers) != len(e1.layers):
         raise ValueError(f"embeddings have {len(e0.layers)} and {len(e1.layers)} layers")
+    if e0.device != e1.device:
+        raise ValueError(f"embeddings on different devices: {e0.device} vs {e1.device} "
+                         "(move one with .to(device))")
 
 
 def embed(model, x: torch.Tensor, normalize: bool = False) -> Embedding:
-    """Embed images x (N x 3 x H x W, in [-1, 1]; [0, 1] with normalize=True) with `model`.
+    """Embed images x (N x 3 x H x W or grey N x 1 x H x W, in [-1, 1]; [0, 1] with
+    normalize=True) with `model`. The inputs are checked, looked at for a likely wrong range
+    and preprocessed by the forward's own code (`LPIPS._prepare`).
 
     Runs the backbone once on x with the model's precision (autocast) and streaming; the
     result keeps autograd history when x or the model's parameters need gradients.
@@ -166,11 +260,11 @@ def embed(model, x: torch.Tensor, normalize: bool = False) -> Embedding:
     features anyway. The lin layers' dropout (train mode) is not applied either: distances of
     embeddings are the eval-mode LPIPS.
     """
-    model._check_inputs(x, x, names=("x", "x"))
+    (prepared,) = model._prepare(x, normalize=normalize, names=("x", "x"))
     roots = sqrt_weights(model)
     size = tuple(x.shape[2:])
     layers = []
-    for k, f in enumerate(model.features(model.preprocess(x, normalize))):
+    for k, f in enumerate(model.features(prepared)):
         if f.dtype != torch.float64:
             f = f.float()  # the head's accumulation dtype
         n = reference.normalize(f)
@@ -190,8 +284,6 @@ def distance(e0: Embedding, e1: Embedding, per_layer: bool = False):
     if n0 != n1 and 1 not in (n0, n1):
         raise ValueError(f"embedding batch sizes {n0} and {n1} do not broadcast "
                          "(they must be equal, or one of them 1)")
-    if e0.device != e1.device:
-        raise ValueError(f"embeddings on different devices: {e0.device} vs {e1.device}")
     res = []
     for a, b in zip(e0.layers, e1.layers):
         d = (a - b.to(a.dtype)).pow(2).sum(dim=1, keepdim=True)   # N x 1 x h x w, as the head

@@ -244,9 +244,7 @@ class LPIPS(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, in0, in1, retPerLayer=False, normalize=False):
-        self._check_inputs(in0, in1)
-        self._warn_if_out_of_range(in0, in1, normalize)
-        in0, in1 = self.preprocess(in0, normalize), self.preprocess(in1, normalize)
+        in0, in1 = self._prepare(in0, in1, normalize)
         out_size = tuple(in0.shape[2:]) if self.spatial else None
         tile = self._tile(in0, in1)
         if tile is not None:
@@ -271,10 +269,26 @@ class LPIPS(nn.Module):
         val = sum(res)
         return (val, res) if retPerLayer else val
 
+    def _prepare(self, in0, in1=None, normalize=False, names=("in0", "in1")):
+        """The inputs' whole preparation, one piece of code for forward and `embed` (and
+        through it `lpips_fast.pairwise`): `_check_inputs`, the once-per-model range warning,
+        then `preprocess`. in1=None: one set of images (embed). Returns a tuple of the
+        prepared inputs."""
+        inputs = (in0,) if in1 is None else (in0, in1)
+        self._check_inputs(in0, inputs[-1], names)
+        self._warn_if_out_of_range(in0, inputs[-1], normalize)
+        return tuple(self.preprocess(x, normalize) for x in inputs)
+
     def preprocess(self, x, normalize=False):
         """The input mapping: [0, 1] -> [-1, 1] when normalize, then v0.1's scaling layer.
         Grey N x 1 x H x W images become 3 equal channels, as upstream's scaling layer
-        broadcasts them (a view: no copy before the scaling)."""
+        broadcasts them (a view: no copy before the scaling). Inputs of another floating
+        dtype than the backbone's (float16 images into a float32 model, float64 into float32)
+        are first cast to it, as v0.1's float32 scaling layer already promoted float16: the
+        convolutions refuse mixed dtypes."""
+        dtype = next(self.net.parameters()).dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if normalize:
             x = 2 * x - 1
         if x.shape[1] == 1:
@@ -419,21 +433,15 @@ class LPIPS(nn.Module):
             warnings.warn(f"lpips_fast: the inputs look like 0-255 pixel values (min {lo:g}, "
                           f"max {hi:g}); LPIPS expects [-1, 1], or [0, 1] with "
                           "normalize=True: divide by 255 and pass normalize=True",
-                          stacklevel=3)
+                          stacklevel=4)
         elif lo >= 0 and hi <= 1 and not normalize:
             warnings.warn(f"lpips_fast: the inputs are all in [0, 1] (min {lo:g}, max {hi:g}) "
                           "but normalize=False, which means [-1, 1]; pass normalize=True if "
-                          "they are [0, 1] images", stacklevel=3)
+                          "they are [0, 1] images", stacklevel=4)
 
     def _check_inputs(self, in0, in1, names=("in0", "in1")):
         for name, x in zip(names, (in0, in1)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4 or x.shape[1] not in (1, 3):
-                raise ValueError(f"{name} must be N x 3 x H x W (RGB) or N x 1 x H x W (grey), "
-                                 f"got shape {tuple(x.shape)}")
-            if not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+            check_images(x, name)
         if in0.device != in1.device:
             raise ValueError(f"in0 is on {in0.device} but in1 is on {in1.device}")
         if in0.shape[2:] != in1.shape[2:]:
@@ -446,6 +454,19 @@ class LPIPS(nn.Module):
         if problem:
             raise ValueError(f"{names[0] if names[0] == names[1] else ' and '.join(names)}: "
                              f"{problem}")
+
+
+def check_images(x, name="x"):
+    """The check of one input of `LPIPS.forward` (also of `embed` and each image set of
+    `lpips_fast.pairwise`): a floating-point tensor N x 3 x H x W (RGB) or N x 1 x H x W
+    (grey). 8-bit images scored as numbers up to 255 would be silently wrong."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must be N x 3 x H x W (RGB) or N x 1 x H x W (grey), "
+                         f"got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 _cache: dict = {}

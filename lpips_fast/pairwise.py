@@ -56,32 +56,37 @@ _models: dict = {}
 
 # --- inputs -----------------------------------------------------------------------------------
 
-def _check_float(t: torch.Tensor, name: str) -> None:
-    """As LPIPS.forward: 8-bit images scored as numbers up to 255 would be silently wrong."""
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+def _check_no_grad(t: torch.Tensor, name: str) -> None:
+    """pairwise and diversity run without autograd: a result without the gradient the caller
+    asked for would only fail later, far from here."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but pairwise and diversity compute no "
+                         "gradients: detach the images (or call under torch.no_grad()), or use "
+                         "LPIPS.embed with lpips_fast.embedding_distance, which are differentiable")
 
 
 class ImageSet:
-    """The images of one side of a pairwise call, all of one size:
-    - a tensor N x 3 x H x W;
-    - a list or tuple of 3 x H x W (or 1 x 3 x H x W) tensors (all checked up front);
+    """The images of one side of a pairwise call, all of one size and all RGB or all grey,
+    each checked as `LPIPS.forward` checks its inputs (`lpips_fast.model.check_images`):
+    - a tensor N x 3 x H x W or N x 1 x H x W (grey; a 3-D tensor is one image);
+    - a list or tuple of C x H x W (or 1 x C x H x W) tensors (all checked up front);
     - any other sequence (`len` and integer indexing, e.g. a Dataset that loads files): items
       are loaded lazily, a block at a time, and checked as they come (a wrong size then raises
       when its block is reached). Lets a folder of any size be scored without holding it.
+    A set may be empty (N = 0): its pairwise matrix then has no rows (or columns).
     """
+    channels = None
 
     def __init__(self, images, name: str = "x"):
-        self.name, self.lazy = name, False
+        from .model import check_images
+        self.name, self.lazy, self.size = name, False, None
         if isinstance(images, torch.Tensor):
             if images.dim() == 3:
                 images = images[None]
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"{name} must be N x 3 x H x W (RGB), got shape "
-                                 f"{tuple(images.shape)}")
-            _check_float(images, name)
+            check_images(images, name)
+            _check_no_grad(images, name)
             self.tensor, self.items = images, None
-            self.size = tuple(images.shape[2:])
+            self.size, self.channels = tuple(images.shape[2:]), images.shape[1]
         else:
             self.tensor = None
             if isinstance(images, (list, tuple)):
@@ -90,25 +95,26 @@ class ImageSet:
                 self.items, self.lazy = images, True
             else:
                 self.items = list(images)
-            if len(self.items) == 0:
-                raise ValueError(f"{name} holds no images")
-            self.size = None
-            first = self._item(0)
-            self.size = tuple(first.shape[2:])
-            if not self.lazy:
-                self.items = [first] + [self._item(i) for i in range(1, len(self.items))]
-        if len(self) == 0:
-            raise ValueError(f"{name} holds no images")
+            if len(self.items):
+                first = self._item(0)
+                self.size, self.channels = tuple(first.shape[2:]), first.shape[1]
+                if not self.lazy:
+                    self.items = [first] + [self._item(i) for i in range(1, len(self.items))]
 
     def _item(self, i: int) -> torch.Tensor:
+        from .model import check_images
         t, name = self.items[i], self.name
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if not (t.dim() == 3 and t.shape[0] == 3 or t.dim() == 4 and tuple(t.shape[:2]) == (1, 3)):
-            raise ValueError(f"{name}[{i}] must be 3 x H x W or 1 x 3 x H x W (RGB), got "
-                             f"shape {tuple(t.shape)}")
-        _check_float(t, f"{name}[{i}]")
+        if not (t.dim() == 3 or t.dim() == 4 and t.shape[0] == 1):
+            raise ValueError(f"{name}[{i}] must be one image, C x H x W or 1 x C x H x W (C = 3 "
+                             f"for RGB, 1 for grey), got shape {tuple(t.shape)}")
         t = t if t.dim() == 4 else t[None]
+        check_images(t, f"{name}[{i}]")
+        _check_no_grad(t, f"{name}[{i}]")
+        if self.channels is not None and t.shape[1] != self.channels:
+            raise ValueError(f"images of one set must be all RGB or all grey: {name}[0] has "
+                             f"{self.channels} channel(s) but {name}[{i}] has {t.shape[1]}")
         if self.size is not None and tuple(t.shape[2:]) != self.size:
             raise ValueError(
                 f"images of one pairwise call must share one size: {name}[0] is "
@@ -192,15 +198,18 @@ class PairwisePlan:
         ys = None if y is None else (y if isinstance(y, ImageSet) else ImageSet(y, "y"))
         self.symmetric = ys is None or ys is self.x or self.x.same_as(ys)
         self.y = self.x if self.symmetric else ys
-        if self.y.size != self.x.size:
+        if None not in (self.x.size, self.y.size) and self.y.size != self.x.size:
             raise ValueError(f"images of one pairwise call must share one size: x is "
                              f"{self.x.size[0]}x{self.x.size[1]} (HxW) but y is "
                              f"{self.y.size[0]}x{self.y.size[1]}")
-        _check_size(self.model, self.x.size, "x")
+        size = self.x.size or self.y.size  # None: two empty lists
+        if size is not None:
+            _check_size(self.model, size, "x" if self.x.size else "y")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
-        self.block = int(block) if block is not None else auto_block(self.model, self.x.size)
+        self.block = (int(block) if block is not None
+                      else auto_block(self.model, size) if size is not None else 1)
         if self.block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
         self.normalize = normalize
@@ -220,15 +229,24 @@ class PairwisePlan:
 
     def _embed_block(self, images: ImageSet, j: int):
         """Block j's embedding (CPU-independent of everything but the block) and its float64
-        squared norms per layer."""
+        squared norms per layer. An image whose embedding is not finite raises: its row and
+        column would be NaN, and the symmetric path's exact 0 diagonal would hide it there."""
         lo, hi = j * self.block, min((j + 1) * self.block, len(images))
         parts = []
         with torch.inference_mode():
             for b in range(lo, hi, self.batch_size):
-                x = images.batch(b, min(b + self.batch_size, hi)).to(self.device, self.dtype)
+                # embed casts to the model's dtype, as the forward does (LPIPS.preprocess)
+                x = images.batch(b, min(b + self.batch_size, hi)).to(self.device)
                 parts.append(embed(self.model, x, normalize=self.normalize))
         e = Embedding.cat(parts)
-        return e, e.sq_norms(torch.float64)
+        norms = e.sq_norms(torch.float64)
+        bad = ~torch.isfinite(torch.stack(norms).sum(0))
+        if bool(bad.any()):
+            i = lo + int(bad.nonzero()[0, 0])
+            raise ValueError(f"{images.name}[{i}] has a non-finite LPIPS embedding (NaN or inf "
+                             "in the image, or an overflow in the model's precision): its "
+                             "distances are undefined")
+        return e, norms
 
     def _build_columns(self):
         self._cols = []
@@ -299,6 +317,9 @@ class PairwisePlan:
 
     def rows(self, i: int) -> torch.Tensor:
         """Row block i against all columns: B x M float64 on the compute device."""
+        if self.n_col_blocks == 0:  # M = 0: empty rows, nothing to embed
+            r0, r1 = self.row_range(i)
+            return torch.empty(r1 - r0, 0, dtype=torch.float64, device=self.device)
         row = None if self.symmetric else self.row(i)
         return torch.cat([self.block_distances(i, j, row) for j in range(self.n_col_blocks)],
                          dim=1)
@@ -314,7 +335,10 @@ def pairwise(x, y=None, model=None, net="alex", version="0.1", batch_size=32, bl
     """The LPIPS matrix D[i, j] = LPIPS(x_i, y_j) (y=None: x against itself, N x N).
 
     x, y: N x 3 x H x W tensors or lists of 3 x H x W tensors, in [-1, 1] (normalize=True:
-    [0, 1]); all images of a call share one size. model: an `lpips_fast.LPIPS` (its net,
+    [0, 1]); grey N x 1 x H x W (1 x H x W) images count as three equal channels, as in
+    `LPIPS.forward`, whose checks, range warning and preprocessing they go through; inputs
+    of another float dtype are cast to the model's. All images of a call share one size;
+    an empty set (N = 0) gives an empty matrix. model: an `lpips_fast.LPIPS` (its net,
     version, lpips flag, weights, precision and device are used); without it one is built
     from net and version on `device` (default CPU). batch_size: images per backbone pass.
     block: images per Gram block (default: sized so a float64 block of the largest layer is
@@ -324,8 +348,9 @@ def pairwise(x, y=None, model=None, net="alex", version="0.1", batch_size=32, bl
 
     Returns an N x M float32 tensor (float64 for a float64 model) on the CPU: never negative,
     within 1e-5 absolute of model(x_i, y_j); for x against itself the diagonal is exactly 0
-    and the matrix exactly symmetric. No gradients (use `LPIPS.embed` and
-    `lpips_fast.embed.distance` for a differentiable version).
+    and the matrix exactly symmetric. No gradients: inputs that require grad are refused
+    while grad mode is on (use `LPIPS.embed` and `lpips_fast.embed.distance` for a
+    differentiable version). An image with NaN or inf raises, naming it.
     """
     plan = PairwisePlan(x, y, model, net, version, batch_size, block, normalize, device,
                         max_memory, spill_dir)
