@@ -327,6 +327,11 @@ class LPIPS(nn.Module):
         per layer otherwise, to free each layer's features as soon as it is consumed."""
         if self._dropout_active():
             return False
+        if recording_graph():
+            # No branch on the image size in a recorded graph: torch.export would keep it as
+            # a guard (H * W <= 256 * 256), and its program would refuse larger images. The
+            # streaming order frees each layer's features after its head in any runtime.
+            return False
         recording = torch.is_grad_enabled() and (
             in0.requires_grad or in1.requires_grad or any(p.requires_grad for p in self.parameters()))
         return recording or in0.shape[2] * in0.shape[3] <= ONE_LAUNCH_MAX_PIXELS
