@@ -372,6 +372,14 @@ class LPIPS(nn.Module):
             return None
         if self._dropout_active():
             return None  # dropout masks cannot be made to agree across tiles
+        if recording_graph():
+            # The tile grid is Python arithmetic on the image size: a trace would bake the
+            # example's grid in and score other sizes wrong without an error. The recorded
+            # graph runs untiled instead (same values, untiled memory).
+            warnings.warn("lpips_fast: tile_size / memory_budget do not carry over into a "
+                          "traced or exported graph; it runs untiled (same values, the "
+                          "untiled memory)", stacklevel=2)
+            return None
         tile = self.tile_size
         if tile is None:
             element = self._backbone_dtype(in0).itemsize
