@@ -126,7 +126,52 @@ def test_onnx_runs_in_onnxruntime(tmp_path, net, spatial, real):
             close(got, m(x0, x1))
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:# The axis name")  # in0's and in1's H are one axis
+@pytest.mark.parametrize("spatial", [False, True], ids=["value", "spatial"])
+def test_onnx_dynamic_image_size(tmp_path, spatial):
+    """One dynamo export with batch, H and W dynamic (plain Dims, as a user writes them:
+    the exporter narrows the range itself) serves odd and non-square sizes; spatial maps
+    take the input's size."""
+    import onnxruntime as ort
+    m = model("alex", spatial)
+    path = tmp_path / "alex.onnx"
+    torch.onnx.export(m, images(2, 48), path, dynamic_shapes=dynamic_image(), verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert [i.shape for i in session.get_inputs()] == [["batch", 3, "H", "W"]] * 2
+    check_sizes(lambda x0, x1: session.run(None, {names[0]: x0.numpy(),
+                                                  names[1]: x1.numpy()})[0], m)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks, see README
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
+@pytest.mark.parametrize("spatial", [False, True], ids=["value", "spatial"])
+def test_legacy_onnx_dynamic_axes(tmp_path, spatial):
+    """The TorchScript-based exporter (dynamo=False) with dynamic_axes for batch, H, W."""
+    import onnxruntime as ort
+    m = model("alex", spatial)
+    path = tmp_path / "alex.onnx"
+    axes = {0: "batch", 2: "H", 3: "W"}
+    torch.onnx.export(m, images(2, 48), path, dynamo=False, input_names=["in0", "in1"],
+                      output_names=["out"], dynamic_axes={"in0": axes, "in1": axes,
+                                                          "out": axes if spatial else {0: "batch"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check_sizes(lambda x0, x1: session.run(None, {"in0": x0.numpy(), "in1": x1.numpy()})[0], m)
+
+
 # ------------------------------------------------------------------------------- torch.jit.trace
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated in favour of torch.export
+@pytest.mark.parametrize("spatial", [False, True], ids=["value", "spatial"])
+def test_trace_serves_other_sizes(spatial):
+    """A trace recorded at one shape scores other batch sizes and image sizes right: the
+    recorded graph holds no size of the example's (no silent wrong number)."""
+    m = model("alex", spatial)
+    traced = torch.jit.trace(m, images(2, 48))
+    check_sizes(traced, m)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_trace_of_a_tiled_model_runs_untiled():
