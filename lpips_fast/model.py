@@ -341,6 +341,11 @@ class LPIPS(nn.Module):
         per layer otherwise, to free each layer's features as soon as it is consumed."""
         if self._dropout_active():
             return False
+        if recording_graph():
+            # No branch on the image size in a recorded graph: torch.export would keep it as
+            # a guard (H * W <= 256 * 256), and its program would refuse larger images. The
+            # streaming order frees each layer's features after its head in any runtime.
+            return False
         recording = torch.is_grad_enabled() and (
             in0.requires_grad or in1.requires_grad or any(p.requires_grad for p in self.parameters()))
         return recording or in0.shape[2] * in0.shape[3] <= ONE_LAUNCH_MAX_PIXELS
@@ -381,6 +386,14 @@ class LPIPS(nn.Module):
             return None
         if self._dropout_active():
             return None  # dropout masks cannot be made to agree across tiles
+        if recording_graph():
+            # The tile grid is Python arithmetic on the image size: a trace would bake the
+            # example's grid in and score other sizes wrong without an error. The recorded
+            # graph runs untiled instead (same values, untiled memory).
+            warnings.warn("lpips_fast: tile_size / memory_budget do not carry over into a "
+                          "traced or exported graph; it runs untiled (same values, the "
+                          "untiled memory)", stacklevel=2)
+            return None
         tile = self.tile_size
         if tile is None:
             element = self._backbone_dtype(in0).itemsize
