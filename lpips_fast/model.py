@@ -12,7 +12,7 @@ from torch import nn
 
 from . import reference
 from . import tiling
-from .backbones import Backbone, canonical, feature_sizes, too_small
+from .backbones import Backbone, canonical, feature_sizes, min_input_size, too_small
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
@@ -244,6 +244,10 @@ class LPIPS(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, in0, in1, retPerLayer=False, normalize=False):
+        out = self._score(in0, in1, retPerLayer, normalize)
+        return nan_if_too_small(out, in0, self.pnet_type) if recording_graph() else out
+
+    def _score(self, in0, in1, retPerLayer, normalize):
         in0, in1 = self._prepare(in0, in1, normalize)
         out_size = tuple(in0.shape[2:]) if self.spatial else None
         tile = self._tile(in0, in1)
@@ -467,6 +471,22 @@ class LPIPS(nn.Module):
         if problem:
             raise ValueError(f"{names[0] if names[0] == names[1] else ' and '.join(names)}: "
                              f"{problem}")
+
+
+def nan_if_too_small(out, x, net):
+    """In a recorded graph: `out` (a value, a map, or (value, per-layer list)), NaN wherever
+    the image x is smaller than `net`'s minimum. An ONNX graph cannot raise, and below the
+    minimum onnxruntime returned finite, meaningless values (a pooling without an output
+    pixel); NaN cannot pass for a distance. H and W come from the input's data (a sum of
+    ones), which every recorder keeps dynamic: a Python size would be baked in as a constant
+    (jit.trace) or turned into a guard (torch.export)."""
+    h = torch.ones_like(x[:1, :1, :, :1]).sum()
+    w = torch.ones_like(x[:1, :1, :1, :]).sum()
+    ok = torch.minimum(h, w) >= min_input_size(net)
+
+    def flag(t):
+        return torch.where(ok, t, torch.full_like(t, float("nan")))
+    return (flag(out[0]), [flag(r) for r in out[1]]) if isinstance(out, tuple) else flag(out)
 
 
 def check_images(x, name="x"):

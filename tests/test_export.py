@@ -94,6 +94,19 @@ def check_sizes(run, m, sizes=OTHER_SIZES):
         close(got, expected)
 
 
+def check_nan_below_minimum(run, m):
+    """Below alex's 31 x 31 an ONNX graph cannot raise as the model does: it gives NaN
+    (without the model's flag, onnxruntime returned finite values at these sizes; it dies
+    of SIGFPE at 20 x 20, so no smaller size is tried)."""
+    for h, w in ((30, 30), (25, 40), (40, 27)):
+        x0, x1 = images(2, h, seed=h + w, width=w)
+        with pytest.raises(ValueError, match="too small"):
+            m(x0, x1)
+        got = torch.as_tensor(run(x0, x1))
+        assert tuple(got.shape) == ((2, 1, h, w) if m.spatial else (2, 1, 1, 1))
+        assert torch.isnan(got).all(), (h, w)
+
+
 def custom_ops(text: str) -> bool:
     """Whether a graph's text names the fused ops (TorchScript: lpips_fast::head_forward,
     torch.export: lpips_fast.head_forward.default; also head_all_*)."""
@@ -140,8 +153,11 @@ def test_onnx_dynamic_image_size(tmp_path, spatial):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     assert [i.shape for i in session.get_inputs()] == [["batch", 3, "H", "W"]] * 2
-    check_sizes(lambda x0, x1: session.run(None, {names[0]: x0.numpy(),
-                                                  names[1]: x1.numpy()})[0], m)
+
+    def run(x0, x1):
+        return session.run(None, {names[0]: x0.numpy(), names[1]: x1.numpy()})[0]
+    check_sizes(run, m)
+    check_nan_below_minimum(run, m)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks, see README
@@ -157,7 +173,11 @@ def test_legacy_onnx_dynamic_axes(tmp_path, spatial):
                       output_names=["out"], dynamic_axes={"in0": axes, "in1": axes,
                                                           "out": axes if spatial else {0: "batch"}})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check_sizes(lambda x0, x1: session.run(None, {"in0": x0.numpy(), "in1": x1.numpy()})[0], m)
+
+    def run(x0, x1):
+        return session.run(None, {"in0": x0.numpy(), "in1": x1.numpy()})[0]
+    check_sizes(run, m)
+    check_nan_below_minimum(run, m)
 
 
 # ------------------------------------------------------------------------------- torch.jit.trace
