@@ -132,12 +132,13 @@ _MIN_SIZE = {name: next(s for s in range(1, 256) if min(feature_sizes(name, s)) 
              for name in NETS}
 
 
-# The official package's names for the slices' outputs (lpips/pretrained_networks.py).
-OUTPUTS = {
-    "alex": namedtuple("AlexnetOutputs", ["relu1", "relu2", "relu3", "relu4", "relu5"]),
-    "vgg": namedtuple("VggOutputs", ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]),
-    "squeeze": namedtuple("SqueezeOutputs", [f"relu{i}" for i in range(1, 8)]),
-}
+# The official package's names for the slices' outputs (lpips/pretrained_networks.py). Module
+# attributes under their own names: a Backbone holds its class, and pickle (torch.save of a
+# whole model, multiprocessing, deepcopy-free copies) finds classes by module and name.
+AlexnetOutputs = namedtuple("AlexnetOutputs", ["relu1", "relu2", "relu3", "relu4", "relu5"])
+VggOutputs = namedtuple("VggOutputs", ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"])
+SqueezeOutputs = namedtuple("SqueezeOutputs", [f"relu{i}" for i in range(1, 8)])
+OUTPUTS = {"alex": AlexnetOutputs, "vgg": VggOutputs, "squeeze": SqueezeOutputs}
 
 
 class Backbone(nn.Module):
