@@ -461,6 +461,11 @@ class LPIPS(nn.Module):
             check_images(x, name)
         if in0.device != in1.device:
             raise ValueError(f"in0 is on {in0.device} but in1 is on {in1.device}")
+        device = next(self.net.parameters()).device
+        if in0.device != device:
+            who = f"{names[0]} is" if names[0] == names[1] else "the inputs are"
+            raise ValueError(f"{who} on {in0.device} but the model is on {device}: move one "
+                             "of them with .to()")
         if in0.shape[2:] != in1.shape[2:]:
             raise ValueError(f"in0 and in1 differ in size: {tuple(in0.shape[2:])} vs "
                              f"{tuple(in1.shape[2:])}")

@@ -248,6 +248,20 @@ def test_pairwise_and_embed_reject_what_forward_rejects(bad, error, message):
         lpips_fast.pairwise(list(bad), model=model)
 
 
+def test_inputs_on_another_device_than_the_model_are_refused_naming_both():
+    """meta stands in for a second device (no GPU here): torch's own message came from inside
+    the convolutions ("Tensor on device cpu is not on the expected device meta!")."""
+    model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with pytest.raises(ValueError, match="in0 is on cpu but in1 is on meta"):
+        model(x, x.to("meta"))
+    with pytest.raises(ValueError, match="the inputs are on meta but the model is on cpu: move one"):
+        model(x.to("meta"), x.to("meta"))
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        model.embed(x.to("meta"))
+    assert model.to("meta")(x.to("meta"), x.to("meta")).device.type == "meta"
+
+
 @pytest.mark.parametrize("net,fields", [("alex", ("relu1", "relu5")), ("vgg", ("relu1_2", "relu5_3")),
                                         ("squeeze", ("relu1", "relu7"))])
 def test_backbone_outputs_are_named_as_upstream(net, fields):
