@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from .folders import UsageError
-from .io import check_scoring_size, mismatch_message, resize, target_size
+from .io import check_scoring_size, mismatch_message, note_once, resize, target_size
 
 
 def _av():
@@ -48,22 +47,6 @@ def _deep(stream) -> bool:
         return False
 
 
-def frames(path, container, stream) -> Iterator[tuple[float, torch.Tensor]]:
-    """(time in seconds, 3 x H x W float32 in [-1, 1]) per decoded frame."""
-    av = _av()
-    deep = _deep(stream)
-    try:
-        for frame in container.decode(stream):
-            if deep:
-                a = frame.to_ndarray(format="rgb48le").astype(np.float32) / np.float32(32767.5) - 1
-            else:
-                a = frame.to_ndarray(format="rgb24").astype(np.float32) / np.float32(127.5) - 1
-            t = float(frame.pts * stream.time_base) if frame.pts is not None else float("nan")
-            yield t, torch.from_numpy(a).permute(2, 0, 1)
-    except av.FFmpegError as e:
-        raise UsageError(f"{path}: decoding failed ({e})") from None
-
-
 class VideoPairs:
     """Both videos opened and checked, read frame by frame in order, in any number of
     processes: `read(lo, hi)` returns frames lo..hi-1 of both (decoding and skipping the frames
@@ -95,6 +78,11 @@ class VideoPairs:
             if n0 == 0:
                 raise UsageError(f"{ref}: no frames decoded")
             self.count = n0
+            r0, r1 = s0.average_rate, s1.average_rate
+            if r0 and r1 and r0 != r1:  # same count, other rates: likely not the same clip
+                note_once("rates", f"{ref} runs at {float(r0):g} frames/s but {dist} at "
+                                   f"{float(r1):g}: frames are paired by index (frame i with "
+                                   "frame i), not by time")
         except BaseException:
             self.close()
             raise

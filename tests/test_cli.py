@@ -439,6 +439,24 @@ def test_video_frame_by_frame(tmp_path, api):
     one_line_error(bad, 2, "notvideo.mp4: not a video")
 
 
+def test_video_with_other_frame_rates_says_frames_pair_by_index(tmp_path):
+    """Same frame count at 10 and 25 frames/s: most likely not the same clip, so the run
+    scores (frame i with frame i, as documented) and says so once on stderr."""
+    pytest.importorskip("av")
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    write_video(tmp_path / "ten.mp4", frames, rate=10)
+    write_video(tmp_path / "ten_too.mp4", frames[::-1], rate=10)
+    write_video(tmp_path / "fast.mp4", frames, rate=25)
+    other, same = run_many(("video", tmp_path / "ten.mp4", tmp_path / "fast.mp4", "-q"),
+                           ("video", tmp_path / "ten.mp4", tmp_path / "ten_too.mp4", "-q"))
+    assert other.returncode == same.returncode == 0, (other.stderr, same.stderr)
+    assert "ten.mp4 runs at 10 frames/s but" in other.stderr
+    assert "fast.mp4 at 25: frames are paired by index" in other.stderr
+    assert "paired by index" not in same.stderr
+    assert len(other.stdout.strip().splitlines()) == len(same.stdout.strip().splitlines()) == 5
+
+
 def test_pair_checks_the_minimum_size_after_resizing_and_map_max(tmp_path):
     image(tmp_path / "big.png", 1, size=(64, 64))
     image(tmp_path / "small.png", 2, size=(16, 16))
