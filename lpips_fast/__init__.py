@@ -8,5 +8,6 @@ from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
 
 __all__ = ["LPIPS", "lpips", "WeightsNotFound", "Embedding", "embedding_distance", "pairwise",
-           "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric", "load_image", "im2tensor", "tensor2im"]
+           "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric", "load_image", "im2tensor",
+           "tensor2im"]
 __version__ = "0.1.0"

@@ -215,9 +215,9 @@ class PairwisePlan:
         self.normalize = normalize
         self.max_memory = parse_bytes(max_memory, "max_memory", minimum=0)
         self.spill_dir = spill_dir
-        p = next(self.model.parameters(), None)
-        self.dtype = p.dtype if p is not None else torch.float32
-        self.out_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        p = next(self.model.parameters(), None)  # the images are cast to it by embed
+        self.out_dtype = torch.float64 if p is not None and p.dtype == torch.float64 \
+            else torch.float32
         self.n, self.m = len(self.x), len(self.y)
         self.n_row_blocks = math.ceil(self.n / self.block)
         self.n_col_blocks = math.ceil(self.m / self.block)
