@@ -120,7 +120,7 @@ def too_small(net: str, height: int, width: int) -> str | None:
 
 
 def canonical(net: str) -> str:
-    name = ALIASES.get(net, net)
+    name = ALIASES.get(net, net) if isinstance(net, str) else None
     if name not in NETS:
         raise ValueError(f"net must be one of {sorted(NETS)} (or 'vgg16'), got {net!r}")
     return name

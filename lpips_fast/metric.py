@@ -44,8 +44,11 @@ def metric_model(model: LPIPS | None, lpips_kwargs: dict) -> LPIPS:
     return model.eval()
 
 
-def per_pair(model: LPIPS, img0, img1, normalize: bool) -> torch.Tensor:
-    """One float64 value per pair of the batch (N against 1 broadcasts)."""
+def per_pair(model: LPIPS, img0, img1, normalize: bool,
+             names=("img0", "img1")) -> torch.Tensor:
+    """One float64 value per pair of the batch (N against 1 broadcasts). The inputs are
+    checked first under the caller's argument names (the forward would say in0, in1)."""
+    model._check_inputs(img0, img1, names)
     return model(img0, img1, normalize=normalize).flatten().double()
 
 

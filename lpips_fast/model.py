@@ -198,7 +198,7 @@ class LPIPS(nn.Module):
 
     @precision.setter
     def precision(self, value):
-        if value is not None and value not in PRECISIONS:
+        if value is not None and not (isinstance(value, str) and value in PRECISIONS):
             raise ValueError(f"precision must be None (follow the caller's autocast) or one of "
                              f"{sorted(PRECISIONS)}, got {value!r}")
         self._precision = value
@@ -457,25 +457,27 @@ class LPIPS(nn.Module):
                           "they are [0, 1] images", stacklevel=4)
 
     def _check_inputs(self, in0, in1, names=("in0", "in1")):
+        """Every message names the inputs as the caller calls them (`names`: forward's in0,
+        in1; the metric's img0, img1; embed's x twice, for its one set)."""
+        a, b = names
         for name, x in zip(names, (in0, in1)):
             check_images(x, name)
         if in0.device != in1.device:
-            raise ValueError(f"in0 is on {in0.device} but in1 is on {in1.device}")
+            raise ValueError(f"{a} is on {in0.device} but {b} is on {in1.device}")
         device = next(self.net.parameters()).device
         if in0.device != device:
-            who = f"{names[0]} is" if names[0] == names[1] else "the inputs are"
+            who = f"{a} is" if a == b else "the inputs are"
             raise ValueError(f"{who} on {in0.device} but the model is on {device}: move one "
                              "of them with .to()")
         if in0.shape[2:] != in1.shape[2:]:
-            raise ValueError(f"in0 and in1 differ in size: {tuple(in0.shape[2:])} vs "
+            raise ValueError(f"{a} and {b} differ in size: {tuple(in0.shape[2:])} vs "
                              f"{tuple(in1.shape[2:])}")
         if in0.shape[0] != in1.shape[0] and 1 not in (in0.shape[0], in1.shape[0]):
-            raise ValueError(f"batch sizes {in0.shape[0]} and {in1.shape[0]} do not broadcast "
-                             "(they must be equal, or one of them 1)")
+            raise ValueError(f"batch sizes of {a} ({in0.shape[0]}) and {b} ({in1.shape[0]}) "
+                             "do not broadcast (they must be equal, or one of them 1)")
         problem = too_small(self.pnet_type, *in0.shape[2:])
         if problem:
-            raise ValueError(f"{names[0] if names[0] == names[1] else ' and '.join(names)}: "
-                             f"{problem}")
+            raise ValueError(f"{a if a == b else f'{a} and {b}'}: {problem}")
 
 
 def nan_if_too_small(out, x, net):
@@ -527,10 +529,16 @@ def lpips(x0, x1, net="alex", version="0.1", normalize=False, spatial=False, ret
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     x0, x1 = _inputs(x0, x1, net, normalize, resize, resample, device)
     key = (canonical(net), version, x0.device, x0.dtype, spatial, tuple(sorted(kwargs.items())))
-    if key not in _cache:
+    try:
+        model = _cache.get(key)
+    except TypeError:  # an unhashable option (a list): LPIPS's own check names it below
+        key = model = None
+    if model is None:
         model = LPIPS(net=net, version=version, spatial=spatial, verbose=False, **kwargs)
-        _cache[key] = model.to(device=x0.device, dtype=x0.dtype)
-    out = _cache[key](x0, x1, retPerLayer=retPerLayer, normalize=normalize)
+        model = model.to(device=x0.device, dtype=x0.dtype)
+        if key is not None:
+            _cache[key] = model
+    out = model(x0, x1, retPerLayer=retPerLayer, normalize=normalize)
     if reduction == "none":
         return out
     reduce = torch.mean if reduction == "mean" else torch.sum

@@ -51,7 +51,7 @@ class LearnedPerceptualImagePatchSimilarity(Metric):
         return self
 
     def update(self, img1: torch.Tensor, img2: torch.Tensor) -> None:
-        d = per_pair(self.net, img1, img2, self.normalize)
+        d = per_pair(self.net, img1, img2, self.normalize, names=("img1", "img2"))
         self.sum_scores += d.sum()
         self.total += d.numel()
         if self.reduction == "none":

@@ -87,6 +87,9 @@ def load_tensors(path, what: str, map_location="cpu", **kwargs):
     it should have been: torch's own messages run over several lines, and for a file that is
     no pickle at all they advise turning weights_only off. A missing file, a folder or a
     permission problem raise as they are (their messages name the path)."""
+    if not isinstance(path, (str, os.PathLike)) and not hasattr(path, "read"):
+        raise TypeError(f"the {what} must be a file path or an open binary file, got "
+                        f"{type(path).__name__}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
     except (FileNotFoundError, IsADirectoryError, PermissionError):

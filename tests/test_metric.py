@@ -84,11 +84,13 @@ def test_errors_are_clear():
     with pytest.raises(RuntimeError, match=r"compute\(\) before any update"):
         metric.compute()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    with pytest.raises(ValueError, match=r"in0 must be N x 3 x H x W \(RGB\) or N x 1 x H x W "
+    with pytest.raises(ValueError, match=r"img0 must be N x 3 x H x W \(RGB\) or N x 1 x H x W "
                                          r"\(grey\), got shape \(2, 4, 64, 64\)"):
         metric.update(torch.rand(2, 4, 64, 64), x)
-    with pytest.raises(ValueError, match="in0 and in1 differ in size"):
+    with pytest.raises(ValueError, match="img0 and img1 differ in size"):
         metric.update(x, torch.rand(2, 3, 64, 72))
+    with pytest.raises(ValueError, match=r"batch sizes of img0 \(2\) and img1 \(3\)"):
+        metric(x, torch.rand(3, 3, 64, 64))  # forward too, not only update
     with pytest.raises(RuntimeError, match="before any update"):  # failed updates add nothing
         metric.compute()
     metric.update(x, x.flip(0))
@@ -194,6 +196,8 @@ def test_torchmetrics_adapter_equals_the_metric():
     with pytest.raises(ValueError, match="reduction must be one of"):
         TM(model=model, reduction="max")
     assert TM(model=model, reduction=None).reduction == "none"
+    with pytest.raises(ValueError, match="img1 and img2 differ in size"):  # torchmetrics' names
+        theirs["sum"].update(data[0][0], torch.rand(3, 3, 64, 72))
 
 
 # --- two gloo ranks against one process ---------------------------------------------------------

@@ -125,6 +125,22 @@ def test_bad_arguments():
         lpips_fast.LPIPS(impl="cuda", pnet_rand=True, verbose=False)
 
 
+@pytest.mark.parametrize("option,message", [
+    ({"net": ["alex"]}, "net must be one of"),
+    ({"precision": ["bf16"]}, "precision must be None"),
+    ({"memory_budget": [1]}, "memory_budget must be a size"),
+    ({"model_path": ["lin.pth"]}, "must be a file path or an open binary file, got list"),
+])
+def test_unhashable_options_get_their_own_errors(option, message):
+    """Options of the wrong type (a list) are named by their own checks, in the module and in
+    the functional form, whose module cache would otherwise fail first on hashing them."""
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with pytest.raises((ValueError, TypeError), match=message):
+        lpips_fast.LPIPS(pnet_rand=True, verbose=False, **option)
+    with pytest.raises((ValueError, TypeError), match=message):
+        lpips_fast.lpips(x, x, pnet_rand=True, **option)
+
+
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(model_mod, "_fused_ops", lambda: (None, "not built (test)"))
     monkeypatch.setattr(model_mod, "_warned_fallback", False)
