@@ -44,6 +44,8 @@ from .io import alpha_note, note_once
 FAIL_RANK_ENV = "LPIPS_FAST_FAIL_RANK"
 STOP_AFTER_ENV = "LPIPS_FAST_STOP_AFTER"
 MAX_LISTED = 20
+# The keys of a job's options that are its inputs (resolved paths), not command line flags.
+INPUT_KEYS = ("dir0", "dir1", "dir", "ref", "dist")
 # Text files are written and read with this error handler, so that a file name that is not
 # valid UTF-8 (possible on Linux) goes out as its own bytes and comes back as the same path.
 NAME_ERRORS = "surrogateescape"
@@ -240,6 +242,7 @@ class CsvOutput:
         self.path = Path(path) if path is not None else None
         self.header, self.nkey, self.check_row = header, key_columns, check_row
         self.done: set = set()
+        self.row_of: dict = {}  # a resumed row's key -> its row number (1 = the header)
         self.values: list[float] = []
         self.written = 0
         self.file = None
@@ -282,7 +285,13 @@ class CsvOutput:
             problem = self._row_problem(row)
             if problem:
                 raise UsageError(f"{where}row {i}: {problem}; the file is unchanged")
-            self.done.add(tuple(row[:self.nkey]))
+            key = tuple(row[:self.nkey])
+            if key in self.row_of:  # counted twice in the summary otherwise (a hand edit, or
+                # two runs appending to one file)
+                raise UsageError(f"{where}row {i} repeats row {self.row_of[key]} "
+                                 f"({', '.join(key)}); the file is unchanged")
+            self.row_of[key] = i
+            self.done.add(key)
             self.values.append(float(row[-1]))
         self._cut = len(good.encode("utf-8", NAME_ERRORS)) if rest else None
         self.existing = True
@@ -365,7 +374,10 @@ def _check_first_run(command: str, s: Settings, job_options: dict, csv_out: CsvO
         raise UsageError(f"{name}: cannot resume: it was written by "
                          f"'{record.get('command')}', not '{command}'")
     now = {**s.options(), **job_options}
-    diff = [f"--{k} {before.get(k)} (now {v})" for k, v in now.items() if before.get(k) != v]
+    # the inputs (resolved folders or videos) are options too: rows scored against another
+    # folder of the same file names must not be taken for this run's
+    diff = [f"{k if k in INPUT_KEYS else '--' + k} {before.get(k, '(not recorded)')} "
+            f"(now {v})" for k, v in now.items() if before.get(k) != v]
     if diff:
         raise UsageError(f"{name} was started with {', '.join(diff)}; resume with the same "
                          "options or write a new file")
@@ -472,6 +484,13 @@ def _plan(job, s: Settings, note) -> tuple:
             raise UsageError("--resume needs an output file (-o FILE)")
         out.read()
         _check_first_run(job.command, s, listing.options, out, summary_path)
+        # a row that is none of this run's items would be counted in its summary
+        expected = set(listing.keys)
+        foreign = sorted(out.row_of[k] for k in out.done if k not in expected)
+        if foreign:
+            raise UsageError(f"{s.output}: cannot resume: row {foreign[0]} is not a {job.unit} "
+                             f"of this run ({len(foreign)} such rows: files gone from the "
+                             "input, or another run's rows); the file is unchanged")
     done = out.done
     todo = sum(1 for k in listing.keys if k not in done)
     failures, work, chunks = job.plan(listing, done, s)
@@ -677,7 +696,8 @@ class DirsJob:
                 "match": self.match, "only_in_dir0": only0, "only_in_dir1": only1,
                 "ambiguous": ambiguous, "ignored": {"dir0": ign0, "dir1": ign1}}
         return Listing([p.key for p in pairs], [d0 / n for n in names0] + [d1 / n for n in names1],
-                       info, {"recursive": self.recursive, "match": self.match}, pairs)
+                       info, {"recursive": self.recursive, "match": self.match,
+                              "dir0": os.path.realpath(d0), "dir1": os.path.realpath(d1)}, pairs)
 
     def plan(self, listing, done, s):
         bad, ordered, batches = plan_pairs(listing.state, s.net, s.batch_size, s.resize,
@@ -739,7 +759,7 @@ class AllPairsJob:
         info = {"dir": str(d), "recursive": self.recursive, "images": len(names),
                 "ignored": ignored}
         return Listing([p.key for p in pairs], [d / n for n in names], info,
-                       {"recursive": self.recursive}, pairs)
+                       {"recursive": self.recursive, "dir": os.path.realpath(d)}, pairs)
 
     def plan(self, listing, done, s):
         pairs = listing.state
@@ -788,7 +808,8 @@ class VideoJob:
         video.close()  # every rank opens the videos again to decode its own chunks
         keys = [(str(i),) for i in range(video.count)]
         return Listing(keys, [Path(self.ref), Path(self.dist)],
-                       {"ref": str(self.ref), "dist": str(self.dist)}, {})
+                       {"ref": str(self.ref), "dist": str(self.dist)},
+                       {"ref": os.path.realpath(self.ref), "dist": os.path.realpath(self.dist)})
 
     def plan(self, listing, done, s):
         n = len(listing.keys)

@@ -197,6 +197,50 @@ def test_resume_checks_the_first_runs_options_or_refuses(tmp_path):
     assert ok.returncode == 0 and "2 of 4 pairs already" in ok.stderr
 
 
+def test_resume_refuses_rows_scored_against_other_inputs(tmp_path):
+    """The same file names in another folder (dist_q10/ after dist_q50/) must not pass for
+    this run's: the resolved inputs are checked like the options."""
+    d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(4)], sizes=((64, 64),))
+    other = tmp_path / "other"
+    other.mkdir()
+    for k in range(4):
+        image(other / f"im{k}.png", 50 + k)
+    common = ("--batch-size", "1", "--workers", "0", "-q", "--device", "cpu")
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    stop = {"LPIPS_FAST_STOP_AFTER": "2"}
+    stopped = run_many(("dirs", d0, d1, "-o", a, *common, stop),
+                       ("allpairs", d1, "-o", b, *common, stop))
+    assert [o.returncode for o in stopped] == [130, 130], [o.stderr for o in stopped]
+    kept_a, kept_b = a.read_bytes(), b.read_bytes()
+    dirs, pairs = run_many(("dirs", d0, other, "-o", a, "--resume", *common),
+                           ("allpairs", other, "-o", b, "--resume", *common))
+    one_line_error(dirs, 2, f"started with dir1 {d1.resolve()} (now {other.resolve()})")
+    one_line_error(pairs, 2, f"started with dir {d1.resolve()} (now {other.resolve()})")
+    assert a.read_bytes() == kept_a and b.read_bytes() == kept_b
+
+
+def test_resume_refuses_repeated_rows_and_rows_of_no_item(tmp_path):
+    """Either would be counted in the summary (count 6 of 5 pairs, a mean with a foreign
+    value) while the run reports success."""
+    d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(3)], sizes=((64, 64),))
+    common = ("dirs", d0, d1, "--workers", "0", "-q", "--device", "cpu")
+    full = tmp_path / "full.csv"
+    assert run(*common, "-o", full).returncode == 0
+    lines = full.read_text().splitlines(keepends=True)
+    edits = {"twice": "".join(lines + lines[1:2]),
+             "foreign": "".join(lines[:1] + ["zzz.png,1.5\n"] + lines[1:3])}
+    calls = []
+    for what, text in edits.items():
+        (tmp_path / f"{what}.csv").write_text(text)
+        shutil.copy(tmp_path / "full.summary.json", tmp_path / f"{what}.summary.json")
+        calls.append((*common, "-o", tmp_path / f"{what}.csv", "--resume"))
+    twice, foreign = run_many(*calls)
+    one_line_error(twice, 2, "cannot resume: row 5 repeats row 2 (im0.png)", "unchanged")
+    one_line_error(foreign, 2, "cannot resume: row 2 is not a pair of this run", "unchanged")
+    for what, text in edits.items():
+        assert (tmp_path / f"{what}.csv").read_text() == text
+
+
 # --- item 5: errors, not tracebacks -------------------------------------------------------------
 
 @contextlib.contextmanager
