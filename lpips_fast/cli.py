@@ -69,10 +69,17 @@ def cmd_weights(args) -> int:
 
 def cmd_pair(args) -> int:
     import torch
+    from lpips_fast.folders import UsageError
     from lpips_fast.io import load_pair, resize
     from lpips_fast.jobs import check_outputs
     dev = _device(args.device)
     check_outputs({"--spatial-map": args.spatial_map}, [args.a, args.b])
+    if args.spatial_map:  # an unwritable suffix is said now, not after the scoring
+        from lpips_fast.heatmap import map_format
+        try:
+            map_format(args.spatial_map)
+        except ValueError as e:
+            raise UsageError(f"--spatial-map {e}") from None
     # errors (files, sizes) are ImageErrors: one line and exit code 2 through _main
     x0, x1, (s0, _) = load_pair(args.a, args.b, args.resize, args.resample, args.net)
     size = tuple(x0.shape[2:])

@@ -74,11 +74,35 @@ def render(dmap: np.ndarray, vmax: float | None = None) -> Image.Image:
     return out
 
 
+def map_format(path) -> str:
+    """The format a heat map at `path` is written in ("NPY" for raw values), from its suffix
+    (any case); a ValueError naming the path where Pillow cannot write that suffix."""
+    from pathlib import Path
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return "NPY"
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: cannot write a heat map as "
+                         f"{repr(suffix) if suffix else 'a name without a suffix'}; "
+                         "use .png (or .npy for the raw values)")
+    return fmt
+
+
 def save_map(path, dmap: np.ndarray, vmax: float | None = None) -> None:
     """A heat map PNG (or, for a .npy path, the raw float32 values)."""
-    from pathlib import Path
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
-        np.save(path, np.asarray(dmap, dtype=np.float32))
+    import io
+    fmt = map_format(path)
+    buf = io.BytesIO()
+    # encoded in memory first: a format that refuses the image fails before the file is
+    # touched; np.save on a name would add ".npy" to a ".NPY" name and write another file
+    if fmt == "NPY":
+        np.save(buf, np.asarray(dmap, dtype=np.float32))
     else:
-        render(dmap, vmax).save(path)
+        try:
+            render(dmap, vmax).save(buf, format=fmt)
+        except (OSError, ValueError, KeyError) as e:  # e.g. XBM takes only 1-bit images
+            raise ValueError(f"{path}: cannot write a heat map as {fmt} ({e}); use .png") \
+                from None
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())

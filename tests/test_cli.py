@@ -178,7 +178,10 @@ def test_pair_bad_inputs_are_one_line_errors(tmp_path):
              ((a, tmp_path / "readme.txt"), "readme.txt: not an image"),
              ((a, tmp_path / "dir.png"), "dir.png: is a directory"),
              ((tmp_path / "tiny.png", tmp_path / "tiny.png"),
-              "tiny.png: 1 x 1 pixels is too small for net 'alex', which needs at least 31 x 31")]
+              "tiny.png: 1 x 1 pixels is too small for net 'alex', which needs at least 31 x 31"),
+             ((a, a, "--spatial-map", tmp_path / "m.psd"),  # a KeyError's traceback before
+              "--spatial-map " + str(tmp_path / "m.psd") + ": cannot write a heat map as"),
+             ((a, a, "--spatial-map", tmp_path / "map"), "a name without a suffix")]
     if not torch.cuda.is_available():
         cases.append(((a, a, "--device", "cuda"), "CUDA is not available"))
     outs = run_many(*[("pair", *args) for args, _ in cases])

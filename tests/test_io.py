@@ -206,6 +206,23 @@ def test_heatmap_has_the_input_size_plus_a_scale_bar(tmp_path):
     assert heatmap.nice_ticks(0.73) == [0.0, 0.2, 0.4, 0.6]
 
 
+def test_heatmap_suffixes_in_any_case_and_refused_formats_touch_no_file(tmp_path):
+    dmap = np.linspace(0, 0.3, 32 * 40, dtype=np.float32).reshape(32, 40)
+    heatmap.save_map(tmp_path / "m.NPY", dmap)  # np.save on the name wrote m.NPY.npy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.NPY"]
+    np.testing.assert_array_equal(np.load(tmp_path / "m.NPY"), dmap)
+    heatmap.save_map(tmp_path / "m.PNG", dmap)
+    assert Image.open(tmp_path / "m.PNG").format == "PNG"
+    (tmp_path / "keep.xbm").write_bytes(b"a user's file")
+    for name, needle in [("keep.xbm", "keep.xbm: cannot write a heat map as XBM"),
+                         ("m.psd", "m.psd: cannot write a heat map as '.psd'"),
+                         ("noext", "noext: cannot write a heat map as a name without a suffix")]:
+        with pytest.raises(ValueError, match=needle):
+            heatmap.save_map(tmp_path / name, dmap)
+    assert (tmp_path / "keep.xbm").read_bytes() == b"a user's file"
+    assert not (tmp_path / "m.psd").exists() and not (tmp_path / "noext").exists()
+
+
 def test_listing_and_pairing(tmp_path):
     for d in ("a", "b"):
         (tmp_path / d / "sub").mkdir(parents=True)
