@@ -205,6 +205,33 @@ def check_outputs(outputs: dict, inputs=()) -> None:
                              "overwrite it: choose another output name")
 
 
+# The first line of every CSV a job writes: an existing -o that starts otherwise is not ours.
+HEADERS = ("name,lpips\n", "name0,name1,lpips\n", "a,b,lpips\n", "frame,time,lpips\n")
+
+
+def _refuse_foreign_files(output, summary_path: Path | None, resume: bool) -> None:
+    """An existing, non-empty -o or --summary that lpips-fast did not write (a user's notes,
+    a config file, a typo for another file) is refused, not overwritten: only the files of an
+    earlier run are replaced. (With --resume, CsvOutput.read checks the CSV itself.)"""
+    if output is not None and not resume and Path(output).is_file():
+        with open(output, "rb") as f:
+            head = f.readline(100).decode("utf-8", "replace")
+        if head and head not in HEADERS:
+            raise UsageError(f"{output}: exists and is not an lpips-fast CSV (its first line is "
+                             f"{head.rstrip()[:60]!r}); refusing to overwrite it: remove it or "
+                             "choose another -o")
+    if summary_path is not None and summary_path.is_file() and summary_path.stat().st_size:
+        try:
+            record = json.loads(summary_path.read_text(encoding="utf-8", errors=NAME_ERRORS))
+            ours = isinstance(record, dict) and {"command", "options"} <= record.keys()
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UsageError(f"{summary_path}: exists and is not an lpips-fast summary; "
+                             "refusing to overwrite it: remove it or choose another --summary "
+                             "('-' for none)")
+
+
 # --- the CSV ----------------------------------------------------------------------------------
 
 def format_value(v: float) -> str:
@@ -478,6 +505,7 @@ def _plan(job, s: Settings, note) -> tuple:
     listing = job.listing(s, note)
     summary_path = s.summary_path()
     check_outputs({"-o": s.output, "--summary": summary_path}, listing.inputs)
+    _refuse_foreign_files(s.output, summary_path, s.resume)
     out = CsvOutput(s.output, job.header, job.key_columns, getattr(job, "check_row", None))
     if s.resume:
         if s.output is None:

@@ -66,6 +66,25 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_untouched(tmp_p
     assert snapshot(tmp_path) == before  # nothing written, nothing changed
 
 
+def test_an_existing_file_lpips_fast_did_not_write_is_not_overwritten(tmp_path):
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png", "b.png"], sizes=((64, 64),))
+    notes, config = tmp_path / "notes.txt", tmp_path / "config.json"
+    notes.write_text("my notes\n")
+    config.write_text('{"lr": 0.1}\n')
+    common = ("-q", "--workers", "0", "--device", "cpu")
+    refused_csv, refused_summary, rerun = run_many(
+        ("dirs", d0, d1, "-o", notes, *common),
+        ("allpairs", d0, "-o", tmp_path / "o.csv", "--summary", config, *common),
+        ("allpairs", d1, "-o", tmp_path / "again.csv", *common))
+    one_line_error(refused_csv, 2, "notes.txt: exists and is not an lpips-fast CSV")
+    one_line_error(refused_summary, 2, "config.json: exists and is not an lpips-fast summary")
+    assert notes.read_text() == "my notes\n" and config.read_text() == '{"lr": 0.1}\n'
+    assert not (tmp_path / "notes.summary.json").exists() and not (tmp_path / "o.csv").exists()
+    assert rerun.returncode == 0, rerun.stderr
+    again = run("dirs", d0, d1, "-o", tmp_path / "again.csv", *common)  # an earlier run's files
+    assert again.returncode == 0, again.stderr                          # are replaced
+
+
 def test_video_output_that_is_an_input_is_refused(tmp_path):
     pytest.importorskip("av")
     from test_cli import write_video
