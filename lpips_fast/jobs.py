@@ -274,6 +274,33 @@ class CsvOutput:
         self.written = 0
         self.file = None
         self.existing, self._cut = False, None  # read() found a file to continue
+        self._lock_fd = None
+
+    def lock(self, create: bool = False) -> None:
+        """Hold an exclusive lock on the file (flock, released by `close`), so that a second
+        run writing the same file at once (two --resume runs appended the same rows twice, two
+        new runs mixed their bytes) stops with one line instead. An existing regular file is
+        locked before it is read; a new one (create=True) when it is created."""
+        if self.path is None or self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the file is not protected
+            return
+        if self.path.exists() and not self.path.is_file():  # /dev/null, a pipe: not locked
+            return
+        if not create and not self.path.exists():
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT if create else os.O_RDONLY, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"{self.path}: another lpips-fast run is writing this file; wait "
+                             "for it to finish (then --resume) or choose another -o") from None
+        except OSError:  # a file system without locks: go on unprotected
+            pass
+        self._lock_fd = fd
 
     def read(self) -> None:
         """Read an existing file to resume: its header must be this command's, every complete
@@ -341,12 +368,14 @@ class CsvOutput:
             if hasattr(sys.stdout, "reconfigure"):
                 sys.stdout.reconfigure(errors=NAME_ERRORS)
         elif self.existing:
+            self.lock()
             if self._cut is not None:  # a row cut short by the interruption: drop it
                 os.truncate(self.path, self._cut)
             self.file = open(self.path, "a", newline="", encoding="utf-8", errors=NAME_ERRORS)
             if self._cut != 0:
                 return
         else:
+            self.lock(create=True)  # before the truncation: another run's rows stay
             self.file = open(self.path, "w", newline="", encoding="utf-8", errors=NAME_ERRORS)
         self.file.write(_csv_text([self.header]))
         self.file.flush()
@@ -361,6 +390,9 @@ class CsvOutput:
         if self.file is not None and self.file is not sys.stdout:
             self.file.close()
         self.file = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def summary(values: list[float]) -> dict:
@@ -507,9 +539,18 @@ def _plan(job, s: Settings, note) -> tuple:
     check_outputs({"-o": s.output, "--summary": summary_path}, listing.inputs)
     _refuse_foreign_files(s.output, summary_path, s.resume)
     out = CsvOutput(s.output, job.header, job.key_columns, getattr(job, "check_row", None))
+    if s.resume and s.output is None:
+        raise UsageError("--resume needs an output file (-o FILE)")
+    out.lock()  # an existing file: before it is read (released by out.close, also below)
+    try:
+        return _plan_rest(job, s, note, listing, summary_path, out)
+    except BaseException:
+        out.close()
+        raise
+
+
+def _plan_rest(job, s: Settings, note, listing, summary_path, out) -> tuple:
     if s.resume:
-        if s.output is None:
-            raise UsageError("--resume needs an output file (-o FILE)")
         out.read()
         _check_first_run(job.command, s, listing.options, out, summary_path)
         # a row that is none of this run's items would be counted in its summary
@@ -538,18 +579,23 @@ def _run(job, s: Settings, ctx: Context, note) -> Outcome | None:
         return shared
 
     work, chunks = share(ctx, prepare)
-    model = agree(ctx, lambda: make_model(s, ctx.device)) if chunks else None
     out: CsvOutput | None = main.get("out")
     failures: list = main.get("failures", [])
     info = None
-    if ctx.is_main:
-        listing = main["listing"]
-        info = {"command": job.command, **listing.info,
-                "options": {**s.options(), **listing.options},
-                "output": None if s.output is None else str(s.output)}
-        out.open()
-        if main["summary_path"]:
-            write_json(main["summary_path"], {**info, "complete": False})
+    try:  # out holds the output's lock from here: released on any failure
+        model = agree(ctx, lambda: make_model(s, ctx.device)) if chunks else None
+        if ctx.is_main:
+            listing = main["listing"]
+            info = {"command": job.command, **listing.info,
+                    "options": {**s.options(), **listing.options},
+                    "output": None if s.output is None else str(s.output)}
+            out.open()
+            if main["summary_path"]:
+                write_json(main["summary_path"], {**info, "complete": False})
+    except BaseException:
+        if out is not None:
+            out.close()
+        raise
     status, message, t0 = "complete", None, time.perf_counter()
     state: dict = {}
     try:

@@ -139,6 +139,31 @@ def test_resume_cuts_only_a_half_written_last_row(tmp_path):
     assert s["count"] == 3 and abs(s["mean"] - 0.875 / 3) < 1e-12
 
 
+def test_a_file_another_run_is_writing_is_refused_untouched(tmp_path):
+    """Two runs on one -o at once appended the same rows twice (--resume) or mixed their
+    bytes; the CSV is now locked (flock) while a run writes it. Here the test holds the lock."""
+    fcntl = pytest.importorskip("fcntl")
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png", "b.png"], sizes=((64, 64),))
+    common = ("dirs", d0, d1, "-q", "--workers", "0", "--device", "cpu")
+    out = tmp_path / "o.csv"
+    assert run(*common, "-o", out).returncode == 0
+    before = snapshot(tmp_path)
+    with open(out, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        outs = run_many((*common, "-o", out), (*common, "-o", out, "--resume"))
+    for o in outs:
+        one_line_error(o, 2, "o.csv: another lpips-fast run is writing this file")
+    assert snapshot(tmp_path) == before
+    # in one process the lock is released after each run, also after a refused one
+    out.write_bytes(b"name,lpips\njunk\n")
+    settings = jobs.Settings(output=out, device="cpu", resume=True)
+    with pytest.raises(UsageError, match="cannot resume"):
+        jobs.run(jobs.DirsJob(d0, d1), settings)
+    out.write_bytes(b"name,lpips\n")  # the same file (inode), which the refused run locked
+    assert jobs.run(jobs.DirsJob(d0, d1), settings).status == "complete"
+    assert jobs.run(jobs.DirsJob(d0, d1), settings).resumed == 2
+
+
 # --- item 4: any file name round-trips; resumed runs give the same bytes -----------------------
 
 ODD_NAMES = ["a,comma.png", 'q"uote.png', "new\nline.png", "car\rret.png", "sep\u2028x.png",
