@@ -390,6 +390,10 @@ class LPIPS(nn.Module):
             return None
         if self._dropout_active():
             return None  # dropout masks cannot be made to agree across tiles
+        if 0 in (in0.shape[0], in1.shape[0]):
+            # An empty batch needs no memory: the tiled path would size its sums by the
+            # larger batch (1 of a 0-vs-1 broadcast) and hand the kernels empty crops.
+            return None
         if recording_graph():
             # The tile grid is Python arithmetic on the image size: a trace would bake the
             # example's grid in and score other sizes wrong without an error. The recorded

@@ -100,3 +100,15 @@ def test_memory_budget_picks_a_tile():
         lpips_fast.LPIPS(net="vgg", pnet_rand=True, verbose=False, memory_budget=1e6)._tile(x0, x1)
     with pytest.raises(ValueError, match="memory_budget"):
         lpips_fast.LPIPS(net="vgg", pnet_rand=True, verbose=False, memory_budget="lots")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n0,n1", [(0, 0), (0, 1), (1, 0)])
+def test_empty_batch_with_tiling_gives_an_empty_result(n0, n1, impl):
+    """An empty batch (also broadcast against 1) scores to an empty result as untiled, not
+    a kernel assertion or a shape mismatch from the tiled path."""
+    model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, impl=impl,
+                             spatial=True, tile_size=32)
+    x0, x1 = images(1, 70, 66, seed=5)
+    value, layers = model(x0[:n0], x1[:n1], retPerLayer=True)
+    assert value.shape == (0, 1, 70, 66) and all(v.shape == (0, 1, 70, 66) for v in layers)
