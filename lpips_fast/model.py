@@ -416,10 +416,15 @@ class LPIPS(nn.Module):
         geo = tiling.geometry(self.pnet_type)
         hs, ws = feature_sizes(self.pnet_type, H), feature_sizes(self.pnet_type, W)
         acc = torch.float64 if in0.dtype == torch.float64 else torch.float32
+        # No in-place writes into tensors made here: under torch.func.vmap the tiles' values
+        # and maps are batched and such a buffer is not (vmap refused the += and the slice
+        # assignment). The sums add out of place; each layer's map is the concatenation of
+        # its tiles' cores, which partition it in row-major order.
         sums = [torch.zeros(n, dtype=torch.float64, device=in0.device) for _ in geo]
-        maps = [in0.new_zeros((n, 1, h, w), dtype=acc) if want_map else None
-                for h, w in zip(hs, ws)]
+        rows = [[] for _ in geo]  # per layer: rows of core maps, one row per tile row
         for ys in tiling.spans(H, tile, self.pnet_type):
+            for row in rows:
+                row.append([])
             for xs in tiling.spans(W, tile, self.pnet_type):
                 crop = (..., slice(ys.crop_lo, ys.crop_hi), slice(xs.crop_lo, xs.crop_hi))
                 for k, (f0, f1) in enumerate(self._features(in0[crop], in1[crop])):
@@ -429,10 +434,11 @@ class LPIPS(nn.Module):
                         continue  # this tile owns no feature of this coarse layer
                     core = (..., slice(a, b), slice(c, d))
                     value, dmap = self._layer(k, f0[core], f1[core], want_map)
-                    sums[k] += value.double() * ((b - a) * (d - c))
+                    sums[k] = sums[k] + value.double() * ((b - a) * (d - c))
                     if want_map:
-                        y0, x0 = ys.crop_lo // geo[k].stride, xs.crop_lo // geo[k].stride
-                        maps[k][..., y0 + a:y0 + b, x0 + c:x0 + d] = dmap
+                        rows[k][-1].append(dmap.to(acc))
+        maps = [torch.cat([torch.cat(r, dim=3) for r in layer if r], dim=2) if want_map
+                else None for layer in rows]
         return [((s / (h * w)).to(acc), m) for s, m, h, w in zip(sums, maps, hs, ws)]
 
     def _warn_if_out_of_range(self, in0, in1, normalize):

@@ -273,3 +273,16 @@ def test_batching_rules_registered(ns, name):
     the all-layer ops at all), in both namespaces that _ops.register serves."""
     ops("emu")  # builds and registers the emulated namespace
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", "FuncTorchBatched")
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_vmap_through_a_tiled_model(spatial):
+    """vmap of a tiled model (tile_size, or a memory_budget on large images) equals the
+    untiled batched call: the tiled path accumulated into buffers in place, which vmap
+    refused ('output with shape [1] doesn't match the broadcast shape [2, 1]')."""
+    fused, ref = models(spatial)
+    fused.tile_size = 48
+    x0, x1 = images(2, size=120)
+    assert fused._tile(x0, x1) == 48  # the tiled path runs
+    got = vmap(lambda a, b: fused(a[None], b[None])[0])(x0, x1)
+    close(got, ref(x0, x1))
