@@ -38,10 +38,14 @@ def metric_model(model: LPIPS | None, lpips_kwargs: dict) -> LPIPS:
                          f"{sorted(lpips_kwargs)})")
     if not isinstance(model, LPIPS):
         raise TypeError(f"model must be an lpips_fast.LPIPS, got {type(model).__name__}")
+    _check_not_spatial(model)
+    return model.eval()
+
+
+def _check_not_spatial(model: LPIPS) -> None:
     if model.spatial:
         raise ValueError("the metric needs one value per pair: pass a model built with "
                          "spatial=False")
-    return model.eval()
 
 
 def per_pair(model: LPIPS, img0, img1, normalize: bool,
@@ -49,6 +53,9 @@ def per_pair(model: LPIPS, img0, img1, normalize: bool,
     """One float64 value per pair of the batch (N against 1 broadcasts). The inputs are
     checked first under the caller's argument names (the forward would say in0, in1)."""
     model._check_inputs(img0, img1, names)
+    # Again at every call: `spatial` is a plain attribute, and a shared model switched to
+    # spatial=True after the metric was built would add every map pixel as a pair.
+    _check_not_spatial(model)
     return model(img0, img1, normalize=normalize).flatten().double()
 
 

@@ -269,3 +269,20 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
         assert two["mean"].item() == pytest.approx(one["mean"].item(), rel=1e-13, abs=0)
         # A rank that updated nothing contributes nothing (gathered lengths 5 and 0).
         assert torch.equal(two["lone"], one["none"][:5])
+
+
+def test_a_shared_model_switched_to_spatial_later_is_refused_not_miscounted():
+    """A model given to the metric and later switched to spatial=True (its attribute, e.g. to
+    draw a map with the same model) made update() add every map pixel as a pair: a wrong
+    sum, count and mean without an error."""
+    model = random_model()
+    metric = lpips_fast.LPIPSMetric(model, reduction="sum")
+    x0, x1 = batches([2], seed=4)[0]
+    metric.update(x0, x1)
+    model.spatial = True
+    with pytest.raises(ValueError, match="spatial=False"):
+        metric.update(x0, x1)
+    with pytest.raises(ValueError, match="spatial=False"):
+        metric(x0, x1)
+    model.spatial = False
+    assert int(metric._count) == 2  # the refused updates added nothing
