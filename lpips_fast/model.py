@@ -538,6 +538,11 @@ def lpips(x0, x1, net="alex", version="0.1", normalize=False, spatial=False, ret
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     x0, x1 = _inputs(x0, x1, net, normalize, resize, resample, device)
+    # Checked before x0's dtype picks the module: uint8 or bool images failed in Module.to
+    # ("only accepts floating point ... dtypes"), a list or None with an AttributeError, and
+    # complex images converted (and cached) a complex module before the forward refused them.
+    for name, x in (("x0", x0), ("x1", x1)):
+        check_images(x, name)
     key = (canonical(net), version, x0.device, x0.dtype, spatial, tuple(sorted(kwargs.items())))
     try:
         model = _cache.get(key)
@@ -548,6 +553,7 @@ def lpips(x0, x1, net="alex", version="0.1", normalize=False, spatial=False, ret
         model = model.to(device=x0.device, dtype=x0.dtype)
         if key is not None:
             _cache[key] = model
+    model._check_inputs(x0, x1, ("x0", "x1"))  # the forward's checks, under these names
     out = model(x0, x1, retPerLayer=retPerLayer, normalize=normalize)
     if reduction == "none":
         return out

@@ -135,3 +135,28 @@ def test_path_errors_name_the_files_and_sizes(tmp_path):
         lpips_fast.lpips(a, a, normalize=True)
     with pytest.raises(ValueError, match="resize and device apply to image files"):
         lpips_fast.lpips(*pair(1), resize="to-first")
+
+
+@pytest.mark.parametrize("x0,x1,error,message", [
+    (torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8), None, TypeError,
+     "x0 must be a floating-point tensor, got torch.uint8"),
+    (None, torch.rand(1, 3, 64, 64) > 0.5, TypeError, "x1 must be a floating-point tensor, "
+                                                       "got torch.bool"),
+    ([[0.5]], None, TypeError, "x0 must be a torch.Tensor, got list"),
+    (torch.rand(1, 3, 64, 64, dtype=torch.complex64), None, TypeError,
+     "x0 must be a floating-point tensor, got torch.complex64"),
+    (None, torch.rand(1, 3, 64, 72), ValueError, r"x0 and x1 differ in size"),
+])
+def test_bad_tensors_get_the_forward_s_errors_under_the_functional_s_names(x0, x1, error,
+                                                                          message):
+    """8-bit images (the common mistake) were refused by Module.to ('only accepts floating
+    point or complex dtypes') before the forward's own check, a list with an AttributeError;
+    complex images built and cached a complex module. Nothing is cached for a refused call."""
+    good = torch.rand(1, 3, 64, 64) * 2 - 1
+    x0 = good if x0 is None else x0
+    x1 = good if x1 is None else x1
+    before = len(lpips_fast.model._cache)
+    with pytest.raises(error, match=message):
+        lpips_fast.lpips(x0, x1, pnet_rand=True)
+    if message.startswith(("x0 must", "x1 must")):
+        assert len(lpips_fast.model._cache) == before
