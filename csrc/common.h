@@ -72,7 +72,10 @@ inline FeatView feat_view(const Tensor& t) {
   FeatView v;
   v.t = t;
   if (!pixel_strides(t, v.sN, v.sC, v.sP)) {
-    v.t = t.contiguous();
+    // contiguous() returns an empty tensor as it is (any empty tensor counts as contiguous),
+    // strides and all; an empty slice of a larger map kept its unmergeable strides and
+    // failed the assert below. A fresh empty tensor has the standard strides.
+    v.t = t.numel() == 0 ? at::empty(t.sizes(), t.options()) : t.contiguous();
     TORCH_INTERNAL_ASSERT(pixel_strides(v.t, v.sN, v.sC, v.sP));
   }
   return v;

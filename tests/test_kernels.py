@@ -620,3 +620,21 @@ def test_a_large_layer_stays_at_float_rounding(layout):
     (gw64,) = torch.autograd.grad(v64.sum(), [w64])
     assert ((value.double() - v64).abs() / v64).max().item() <= 5e-7
     assert ((gw.double() - gw64).abs().max() / gw64.abs().max()).item() <= 5e-7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_of_a_sliced_map(device):
+    """N = 0 features cut out of a larger map (the model's tiles do this): their strides do
+    not merge the pixels, and contiguous() returns an empty tensor unchanged, so the kernels
+    failed an internal assert ('pixel_strides ... INTERNAL ASSERT FAILED')."""
+    gen = torch.Generator().manual_seed(12)
+    big = torch.rand(0, 7, 10, 12, generator=gen).to(tdev(device))
+    f0, f1 = big[..., 2:7, 3:9], big[..., 1:6, 4:10]
+    f0 = f0.requires_grad_()
+    w = make_weight(7, device).requires_grad_()
+    value, dmap = ops(device).head(f0, f1, w, return_map=True)
+    g0, gw = torch.autograd.grad(value.sum() + dmap.sum(), [f0, w], allow_unused=True)
+    assert value.shape == (0,) and dmap.shape == (0, 1, 5, 6) and g0.shape == f0.shape
+    assert torch.equal(gw, torch.zeros_like(w))
+    values, maps = ops(device).head_all([f0], [f1], [w], return_map=True)
+    assert values.shape == (1, 0) and maps[0].shape == (0, 1, 5, 6)
