@@ -20,11 +20,13 @@ uninterrupted one and writes the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -405,10 +407,18 @@ def summary(values: list[float]) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Written whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8", errors=NAME_ERRORS)
-    os.replace(tmp, path)
+    """Written whole or not at all (a temporary file, then a rename). The temporary file is
+    new (O_EXCL, a random name): a fixed NAME.tmp would overwrite a user's file of that name."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors=NAME_ERRORS) as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _check_first_run(command: str, s: Settings, job_options: dict, csv_out: CsvOutput,

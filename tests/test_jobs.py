@@ -85,6 +85,23 @@ def test_an_existing_file_lpips_fast_did_not_write_is_not_overwritten(tmp_path):
     assert again.returncode == 0, again.stderr                          # are replaced
 
 
+def test_the_summary_s_temporary_file_is_a_new_name(tmp_path):
+    """The summary is written to a temporary file and renamed: a fixed NAME.tmp replaced a
+    user's file of that name, and a failed write must leave no temporary file behind."""
+    d0, d1 = folders_with_sizes(tmp_path, ["a.png"], sizes=((64, 64),))
+    users = tmp_path / "o.summary.json.tmp"
+    users.write_text("a user's file\n")
+    done = run("dirs", d0, d1, "-o", tmp_path / "o.csv", "-q", "--workers", "0",
+               "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert users.read_text() == "a user's file\n"
+    assert json.loads((tmp_path / "o.summary.json").read_text())["complete"] is True
+    with pytest.raises(TypeError):  # not JSON-serializable: nothing written, nothing left
+        jobs.write_json(tmp_path / "o.summary.json", {"x": object()})
+    assert json.loads((tmp_path / "o.summary.json").read_text())["complete"] is True
+    assert not list(tmp_path.glob(".o.summary.json.*"))
+
+
 def test_video_output_that_is_an_input_is_refused(tmp_path):
     pytest.importorskip("av")
     from test_cli import write_video
