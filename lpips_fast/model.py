@@ -157,12 +157,11 @@ class LPIPS(nn.Module):
         self.pnet_type, self.version = canonical(net), version
         self.pnet_tune, self.pnet_rand = pnet_tune, pnet_rand
         self.spatial, self.lpips, self.use_dropout = spatial, lpips, use_dropout
-        self.impl = impl
+        self.impl = impl                    # selects the head (the property below)
         self.precision = precision          # validated by the property below
         self.tile_size = tile_size          # validated by the properties below
         self.memory_budget = memory_budget
         self._range_checked = False
-        self._head, self._head_all = _select_head(impl)
         self.scaling_layer = ScalingLayer()
         self.net = Backbone(self.pnet_type)
         self.chns, self.L = self.net.channels, self.net.n_slices
@@ -190,6 +189,17 @@ class LPIPS(nn.Module):
             self.lins.requires_grad_(not eval_mode)
         if eval_mode:
             self.eval()
+
+    @property
+    def impl(self):
+        """The head's implementation: 'auto', 'fused' or 'reference'. Setting it selects the
+        head again (as a plain attribute, a later `model.impl = ...` changed nothing)."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value):
+        self._head, self._head_all = _select_head(value)
+        self._impl = value
 
     @property
     def precision(self):

@@ -1,4 +1,5 @@
 """The LPIPS module as an nn.Module: state_dict, devices/dtypes, freezing, errors, functional."""
+import pickle
 import warnings
 
 import pytest
@@ -152,6 +153,22 @@ def test_fallback_warns_once(monkeypatch):
         lpips_fast.LPIPS(pnet_rand=True, verbose=False)
     with pytest.raises(RuntimeError, match="not built"):
         lpips_fast.LPIPS(pnet_rand=True, verbose=False, impl="fused")
+
+
+def test_setting_impl_later_selects_the_head():
+    """`model.impl = 'reference'` after construction runs the reference head (it was a plain
+    attribute: the head chosen in __init__ ran on, silently); a bad value is refused and the
+    model keeps its head."""
+    model = lpips_fast.LPIPS(pnet_rand=True, verbose=False)
+    model.impl = "reference"
+    assert model._head is lpips_fast.reference.head and model.impl == "reference"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        model.impl = "cuda"
+    assert model._head is lpips_fast.reference.head and model.impl == "reference"
+    if model_mod._fused_ops()[0] is not None:
+        model.impl = "fused"
+        assert model._head is not lpips_fast.reference.head
+    assert pickle.loads(pickle.dumps(model)).impl == model.impl
 
 
 def test_no_torchvision_at_run_time():
