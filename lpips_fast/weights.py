@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 import pickle
 import re
@@ -270,7 +271,14 @@ def save_cache(net: str, state_dict: dict, source: str) -> Path:
                       "LPIPS_FAST_HOME to a writable folder") from None
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        torch.save({"state_dict": sd, "source": source, "sha256": tensor_digest(sd)}, tmp)
+        # Serialized in memory, then written by Python: torch.save's own writer turns a full
+        # disk (or a file size limit) into a RuntimeError, which crashed LPIPS() instead of
+        # costing a warning; Python's write raises the OSError ("No space left on device").
+        blob = io.BytesIO()
+        torch.save({"state_dict": sd, "source": source, "sha256": tensor_digest(sd)}, blob)
+        with open(tmp, "wb") as f:
+            f.write(blob.getbuffer())
+        del blob
         load_cache(net, tmp)
         os.replace(tmp, path)
     except OSError as e:

