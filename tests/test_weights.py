@@ -331,3 +331,20 @@ def test_a_full_disk_costs_a_warning_not_the_weights(tmp_path, home):
         "(File too large): set LPIPS_FAST_HOME to a writable folder"], out.stderr
     assert not weights.cache_path("alex").exists()
     assert os.listdir(home / "backbones") == []  # no temporary file left behind
+
+
+def test_cache_writes_do_not_share_a_temporary_name(home):
+    """Two processes of one pid (containers on two machines sharing a cache folder) used one
+    temporary file, "alex.tmp<pid>": each truncated the other's file and finally deleted it.
+    The temporary file is now new (O_EXCL) and of a random name."""
+    import os
+    folder = home / "backbones"
+    folder.mkdir(parents=True)
+    other = folder / f"alex.tmp{os.getpid()}"  # the other machine's write in progress
+    other.write_bytes(b"the other process's bytes")
+    cached, _ = good_alex_cache()
+    assert other.read_bytes() == b"the other process's bytes"
+    assert sorted(os.listdir(folder)) == ["alex.pt", other.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as before
