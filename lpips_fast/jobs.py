@@ -515,6 +515,37 @@ def agree(ctx: Context, fn):
     return value
 
 
+def _command_options(job, s: Settings) -> dict:
+    """What every rank must share: the job and its inputs (as given), and the settings that
+    change the values or the chunks (not -o, --resume, --workers, --device: rank 0's or
+    per-rank)."""
+    import dataclasses
+    fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+    return {"command": job.command,
+            **{k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in fields.items()},
+            **s.options(), "impl": s.impl, "batch-size": s.batch_size}
+
+
+def _same_command(ctx: Context, job, s: Settings) -> None:
+    """Refuse a launch whose ranks were started with other arguments (a typo on one machine):
+    rank 0 plans the work, but each rank scores it with its own net, version, resize, videos,
+    so the CSV mixed values of other options under rank 0's summary, silently."""
+    if not ctx.distributed:
+        return
+    import torch.distributed as dist
+    mine = _command_options(job, s)
+    seen = [None] * ctx.world_size
+    dist.all_gather_object(seen, mine, group=ctx.group)
+    for r, theirs in enumerate(seen):
+        keys = [k for k in {**seen[0], **theirs} if seen[0].get(k) != theirs.get(k)]
+        if keys:
+            k = keys[0]
+            msg = (f"rank {r} of {ctx.world_size} was started with other arguments than rank 0 "
+                   f"({k} {theirs.get(k)!r}, rank 0: {seen[0].get(k)!r}): every rank must run "
+                   "the same command")
+            raise UsageError(msg) if ctx.is_main else Quiet(msg)
+
+
 def _sharded(ctx: Context, chunks: list, compute, write) -> None:
     """compute(c) for each chunk index c on c's rank, write(c, result) on rank 0 in order."""
     fail_rank = os.environ.get(FAIL_RANK_ENV)
@@ -581,6 +612,7 @@ def _plan_rest(job, s: Settings, note, listing, summary_path, out) -> tuple:
 
 def _run(job, s: Settings, ctx: Context, note) -> Outcome | None:
     main: dict = {}
+    _same_command(ctx, job, s)  # before anything is planned or written
 
     def prepare():
         listing, summary_path, out, todo, failures, shared = _plan(job, s, note)

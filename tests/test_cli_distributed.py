@@ -136,3 +136,30 @@ def test_a_failed_rank_is_named_rows_stay_and_resume_finishes(data):
     assert resumed.returncode == 1, resumed.stderr[-3000:]  # wide.png's pairs still fail
     assert "27 of 36 pairs already" in resumed.stderr
     assert part.read_bytes() == full.read_bytes()
+
+
+def two_processes(args0, args1):
+    """Rank 0 and rank 1 of a launch started by hand (as on two machines), with their own
+    arguments."""
+    port = str(free_port())
+    procs = []
+    for rank, args in enumerate((args0, args1)):
+        e = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "lpips_fast", *map(str, args)],
+                                      env=e, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    return [done(p) for p in procs]
+
+
+def test_ranks_started_with_other_arguments_are_refused(data, tmp_path):
+    """Rank 0 plans the work, but every rank scored it with its own --net (or resize, videos,
+    ...): a typo on one machine mixed vgg values into an alex CSV, silently, exit 0."""
+    job = ("dirs", data / "ref", data / "dist", "--batch-size", "2", "--workers", "0", "-q",
+           "-o", tmp_path / "out.csv")
+    r0, r1 = two_processes(job, (*job, "--net", "vgg"))
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr, r1.stderr)
+    assert r0.stderr.strip().splitlines() == [
+        "error: rank 1 of 2 was started with other arguments than rank 0 (net 'vgg', rank 0: "
+        "'alex'): every rank must run the same command"], r0.stderr
+    assert r1.stderr == "" and list(tmp_path.iterdir()) == []  # nothing written
