@@ -124,6 +124,9 @@ def _run_job(args, job) -> int:
     from lpips_fast.distributed import ShardError
     try:
         outcome = jobs.run(job, _settings(args))
+    except jobs.NotJoined as e:  # said by the rank itself: on other ranks stderr is silenced
+        print(f"error: {e}", file=_REAL_STDERR)
+        return 2
     except ShardError as e:  # on a rank other than 0; rank 0 reports what it knows
         if e.rank is None:
             print(f"error: {str(e).splitlines()[0]}", file=_REAL_STDERR)

@@ -462,15 +462,25 @@ class _Stop(Exception):
     """Raised in rank 0's writer to stop every rank (the reason is kept by the caller)."""
 
 
+class NotJoined(UsageError):
+    """A rank's error found before it joined the launch's process group: rank 0 cannot report
+    it, so every rank prints its own (the other ranks printed nothing, and the rank that failed
+    exited with status 2 in silence)."""
+
+
 def context(device: str) -> Context:
     """The run's ranks: a launch's process group, else one process on `device`."""
     if not launched():
         return Context(device=resolve_device(device))
-    if device not in ("auto", "cuda", "cpu"):
-        raise UsageError(f"--device {device}: under a distributed launch each rank uses "
-                         "cuda:LOCAL_RANK (--device auto or cuda) or the CPU (--device cpu)")
-    if device == "cuda":
-        resolve_device("cuda")
+    try:
+        if device not in ("auto", "cuda", "cpu"):
+            raise UsageError(f"--device {device}: under a distributed launch each rank uses "
+                             "cuda:LOCAL_RANK (--device auto or cuda) or the CPU (--device cpu)")
+        if device == "cuda":
+            resolve_device("cuda")
+    except UsageError as e:
+        raise NotJoined(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: "
+                        f"{e}") from None
     return setup(device="cpu" if device == "cpu" else None)
 
 

@@ -163,3 +163,21 @@ def test_ranks_started_with_other_arguments_are_refused(data, tmp_path):
         "error: rank 1 of 2 was started with other arguments than rank 0 (net 'vgg', rank 0: "
         "'alex'): every rank must run the same command"], r0.stderr
     assert r1.stderr == "" and list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_rank_that_fails_before_joining_says_why(data, tmp_path):
+    """A rank other than 0 that cannot join (its --device is unusable on its machine) exited
+    with status 2 and printed nothing: rank 0 never hears of it, and its own output is
+    silenced. It says it now, itself, in one line naming its rank."""
+    e = {**env(), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2",
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for device, problem in (("cuda", "CUDA is not available here"),
+                            ("cuda:1", "under a distributed launch each rank uses")):
+        out = subprocess.run([sys.executable, "-m", "lpips_fast", "dirs", data / "ref",
+                              data / "dist", "-o", tmp_path / "out.csv", "--device", device],
+                             env=e, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 of 2: --device {device}: ")
+        assert problem in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
