@@ -634,8 +634,15 @@ def _run(job, s: Settings, ctx: Context, note) -> Outcome | None:
     out: CsvOutput | None = main.get("out")
     failures: list = main.get("failures", [])
     info = None
+    built: list = []  # this rank's scorer
     try:  # out holds the output's lock from here: released on any failure
         model = agree(ctx, lambda: make_model(s, ctx.device)) if chunks else None
+        if chunks:
+            # Built before anything is written, and agreed: a rank that could not open its
+            # inputs (a video not visible on its machine) exited in silence, and rank 0 said
+            # only that a rank died without reporting.
+            mine = chunks[ctx.rank::ctx.world_size]  # run_sharded's share of this rank
+            agree(ctx, lambda: built.append(job.scorer(work, model, s, ctx, mine)))
         if ctx.is_main:
             listing = main["listing"]
             info = {"command": job.command, **listing.info,
@@ -645,6 +652,8 @@ def _run(job, s: Settings, ctx: Context, note) -> Outcome | None:
             if main["summary_path"]:
                 write_json(main["summary_path"], {**info, "complete": False})
     except BaseException:
+        for scorer in built:
+            scorer.close()
         if out is not None:
             out.close()
         raise
@@ -652,8 +661,7 @@ def _run(job, s: Settings, ctx: Context, note) -> Outcome | None:
     state: dict = {}
     try:
         if chunks:
-            mine = chunks[ctx.rank::ctx.world_size]  # run_sharded's share of this rank
-            scorer = job.scorer(work, model, s, ctx, mine)
+            scorer = built[0]
             write = _writer(job, s, ctx, main, out, failures, state) if ctx.is_main else None
             try:
                 _sharded(ctx, chunks, lambda c: _guarded(scorer.compute, c), write)

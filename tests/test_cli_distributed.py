@@ -138,17 +138,19 @@ def test_a_failed_rank_is_named_rows_stay_and_resume_finishes(data):
     assert part.read_bytes() == full.read_bytes()
 
 
-def two_processes(args0, args1):
+def two_processes(args0, args1, cwd1=None):
     """Rank 0 and rank 1 of a launch started by hand (as on two machines), with their own
-    arguments."""
+    arguments (and rank 1 in its own folder)."""
     port = str(free_port())
     procs = []
     for rank, args in enumerate((args0, args1)):
         e = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        e["PYTHONPATH"] = os.pathsep.join([root, e.get("PYTHONPATH", "")])  # from any folder
         procs.append(subprocess.Popen([sys.executable, "-m", "lpips_fast", *map(str, args)],
                                       env=e, text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE))
+                                      stderr=subprocess.PIPE, cwd=cwd1 if rank else None))
     return [done(p) for p in procs]
 
 
@@ -181,3 +183,29 @@ def test_a_rank_that_fails_before_joining_says_why(data, tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: rank 1 of 2: --device {device}: ")
         assert problem in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_that_cannot_open_its_inputs_is_named_with_its_error(data, tmp_path):
+    """Every video rank decodes the videos itself. Rank 1 could not open them (a path not
+    visible on its machine; here: relative paths, rank 1 in another folder): it exited with
+    its error unsaid, and rank 0 reported only "a rank died without reporting", after
+    creating the CSV. Now rank 0 names rank 1 and its error, and nothing is written."""
+    pytest.importorskip("av")
+    rng = np.random.default_rng()
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    here = tmp_path / "videos"
+    here.mkdir()
+    write_video(here / "a.mp4", frames)
+    write_video(here / "b.mp4", frames[::-1])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    job = ("video", "a.mp4", "b.mp4", "-q", "-o", tmp_path / "out.csv")
+    cwd = os.getcwd()
+    os.chdir(here)  # rank 0 starts here (Popen inherits it)
+    try:
+        r0, r1 = two_processes(job, job, cwd1=elsewhere)
+    finally:
+        os.chdir(cwd)
+    assert (r0.returncode, r1.returncode) == (2, 2), (r0.stderr, r1.stderr)
+    assert r0.stderr.strip().splitlines() == ["error: rank 1 of 2: a.mp4: no such file"], r0.stderr
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.summary.json").exists()
