@@ -20,13 +20,11 @@ uninterrupted one and writes the same bytes.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .atomic import write_atomically
 from .distributed import Context, ShardError, launched, run_sharded, setup, teardown
 from .folders import (AllPairsScorer, Pair, UsageError, all_pairs, list_images, match_by_name,
                       pair_loader, plan_allpairs, plan_pairs, score_batch)
@@ -407,18 +406,9 @@ def summary(values: list[float]) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Written whole or not at all (a temporary file, then a rename). The temporary file is
-    new (O_EXCL, a random name): a fixed NAME.tmp would overwrite a user's file of that name."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=NAME_ERRORS) as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Written whole or not at all (`atomic.write_atomically`)."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, text.encode("utf-8", NAME_ERRORS))
 
 
 def _check_first_run(command: str, s: Settings, job_options: dict, csv_out: CsvOutput,

@@ -27,7 +27,6 @@ import io
 import os
 import pickle
 import re
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_atomically
 from .backbones import NETS, Backbone, canonical, from_torchvision
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
@@ -270,30 +270,13 @@ def save_cache(net: str, state_dict: dict, source: str) -> Path:
     except OSError as e:
         raise OSError(f"cannot create the cache folder {path.parent} ({e.strerror or e}): set "
                       "LPIPS_FAST_HOME to a writable folder") from None
-    # A new file of a random name (O_EXCL): "alex.tmp<pid>" was shared by processes of one pid
-    # on two machines (containers) writing one cache folder, each truncating and finally
-    # deleting the other's file. Mode 0o666 less the umask, as before (mkstemp's 0o600 would
-    # make a shared cache unreadable to other users).
-    tmp, created = path.parent / f"{path.stem}.{secrets.token_hex(8)}.tmp", False
+    blob = io.BytesIO()  # serialized in memory: see atomic.write_atomically on a full disk
+    torch.save({"state_dict": sd, "source": source, "sha256": tensor_digest(sd)}, blob)
     try:
-        # Serialized in memory, then written by Python: torch.save's own writer turns a full
-        # disk (or a file size limit) into a RuntimeError, which crashed LPIPS() instead of
-        # costing a warning; Python's write raises the OSError ("No space left on device").
-        blob = io.BytesIO()
-        torch.save({"state_dict": sd, "source": source, "sha256": tensor_digest(sd)}, blob)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        created = True
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob.getbuffer())
-        del blob
-        load_cache(net, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, blob.getbuffer(), check=lambda tmp: load_cache(net, tmp))
     except OSError as e:
         raise OSError(f"cannot write the cache file {path} ({e.strerror or e}): set "
                       "LPIPS_FAST_HOME to a writable folder") from None
-    finally:
-        if created:
-            tmp.unlink(missing_ok=True)
     return path
 
 
