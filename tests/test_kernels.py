@@ -600,20 +600,21 @@ def test_cuda_matches_cpu_large(layout):
     assert_close_rel(d_gpu, d_cpu, 1e-4, 1e-5, "map")
 
 
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "emu"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_a_large_layer_stays_at_float_rounding(layout):
+def test_a_large_layer_stays_at_float_rounding(layout, device):
     """One layer of 2048 x 2048 pixels (4M pixels, 65,536 blocks of 64): the CPU kernels
     added the block partials in float32 one after another, 5.3e-6 relative off the float64
     value here and 7e-6 at 4096 x 4096, growing with the pixel count, where PyTorch's
     float32 sum of the same terms is off by ~1e-8. The value and the weight gradient (its
-    partials are summed the same way) must stay at float32 rounding: 5e-7 relative. CPU
-    only: the CUDA kernels (and their emulation, minutes at this size) add them in a tree."""
+    partials are summed the same way) must stay at float32 rounding: 5e-7 relative. Not
+    emulated (minutes at this size); the CUDA kernels add their partials in a tree."""
     gen = torch.Generator().manual_seed(11)
-    f0, f1 = (torch.rand(1, 4, 2048, 2048, generator=gen) for _ in range(2))
+    f0, f1 = (torch.rand(1, 4, 2048, 2048, generator=gen).to(device) for _ in range(2))
     if layout == "channels_last":
         f0, f1 = (f.contiguous(memory_format=torch.channels_last) for f in (f0, f1))
-    w = make_weight(4, "cpu").requires_grad_()
-    value, _ = _ops.head(f0, f1, w)
+    w = make_weight(4, device).requires_grad_()
+    value, _ = ops(device).head(f0, f1, w)
     (gw,) = torch.autograd.grad(value.sum(), [w])
     w64 = w.detach().double().requires_grad_()
     v64, _ = R.head(f0.double(), f1.double(), w64)
