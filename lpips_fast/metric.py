@@ -129,9 +129,19 @@ class LPIPSMetric(nn.Module):
         total, count = self._sum, self._count
         values = torch.cat(self._values) if self._values else self._sum.new_zeros(0)
         if self._synchronised():
-            both = torch.stack([total, count.double()])  # counts are exact in float64 to 2^53
+            # counts are exact in float64 to 2^53; the one-hot reduction rides along, so that
+            # ranks built with other reductions all raise here instead of running different
+            # collectives below ('none' gathers, the others do not: a hang)
+            kind = torch.zeros(len(REDUCTIONS), dtype=torch.float64, device=total.device)
+            kind[REDUCTIONS.index(self.reduction)] = 1
+            both = torch.cat([torch.stack([total, count.double()]), kind])
             dist.all_reduce(both, group=self.process_group)
             total, count = both[0], both[1].long()
+            world = dist.get_world_size(self.process_group)
+            if int(both[2:].max()) != world:
+                ranks = ", ".join(f"{int(n)} {r!r}" for r, n in zip(REDUCTIONS, both[2:]) if n)
+                raise ValueError(f"LPIPSMetric.compute(): the {world} ranks were built with "
+                                 f"other reductions ({ranks}): every rank must use the same")
             if self.reduction == "none":
                 values = _gather_uneven(values, self.process_group)
         if int(count) == 0:

@@ -226,6 +226,13 @@ WORKER = textwrap.dedent("""
         lone.update(a, b)
     result = {r: m.compute() for r, m in metrics.items()}
     result["lone"] = lone.compute()
+    if ctx.world_size > 1:  # ranks of other reductions: every rank raises (no hang)
+        mixed = lpips_fast.LPIPSMetric(model, reduction="none" if ctx.rank == 0 else "mean")
+        mixed.update(*data[0])
+        try:
+            mixed.compute()
+        except ValueError as e:
+            result["mixed"] = str(e)
     result["local_count"] = int(metrics["sum"]._count)  # compute() leaves the local state
     torch.save(result, f"{out}.{ctx.rank}.pt")
     distributed.teardown(ctx)
@@ -269,6 +276,8 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
         assert two["mean"].item() == pytest.approx(one["mean"].item(), rel=1e-13, abs=0)
         # A rank that updated nothing contributes nothing (gathered lengths 5 and 0).
         assert torch.equal(two["lone"], one["none"][:5])
+        assert two["mixed"] == ("LPIPSMetric.compute(): the 2 ranks were built with other "
+                                "reductions (1 'mean', 1 'none'): every rank must use the same")
 
 
 def test_a_shared_model_switched_to_spatial_later_is_refused_not_miscounted():
