@@ -58,8 +58,11 @@ def parse_bytes(budget, what="memory_budget", minimum=1):
     if budget is None:
         return None
     value = None
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        value = float(budget)
+    if isinstance(budget, numbers.Real) and not isinstance(budget, bool):  # numpy's too
+        try:
+            value = float(budget)
+        except OverflowError:  # an int beyond float's range (10**400)
+            value = math.inf
     elif isinstance(budget, str):
         units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
                  "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}

@@ -2,6 +2,7 @@
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,7 +221,10 @@ def test_tile_size_and_memory_budget_are_validated_wherever_set():
     assert model.memory_budget == int(1.5 * 2**30)
     model.memory_budget, model.tile_size = 4096, None
     assert (model.memory_budget, model.tile_size) == (4096, None)
-    for bad in (0, -1, "0MiB", "-2GiB", "lots", float("inf"), float("nan"), True):
+    model.memory_budget = np.float32(2**30)  # numpy's numbers are numbers
+    assert model.memory_budget == 2**30
+    model.memory_budget = 4096
+    for bad in (0, -1, "0MiB", "-2GiB", "lots", float("inf"), float("nan"), True, 10**400):
         with pytest.raises(ValueError, match="memory_budget must be a size"):
             model.memory_budget = bad
         with pytest.raises(ValueError, match="memory_budget must be a size"):
