@@ -624,7 +624,7 @@ def _run(job, s: Settings, ctx: Context, note) -> Outcome | None:
     out: CsvOutput | None = main.get("out")
     failures: list = main.get("failures", [])
     info = None
-    built: list = []  # this rank's scorer
+    built: list = []  # this rank's scorer, kept even when another rank's failure is raised
     try:  # out holds the output's lock from here: released on any failure
         model = agree(ctx, lambda: make_model(s, ctx.device)) if chunks else None
         if chunks:
