@@ -247,10 +247,11 @@ def test_resume_checks_the_first_runs_options_or_refuses(tmp_path):
                                         (*common, "-o", b, "--resume"))
     one_line_error(no_record_a, 2, "a.summary.json is missing", "options of its first run")
     one_line_error(no_record_b, 2, "b.summary.json is missing")
-    other, same = run_many((*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json",
-                            "--resample", "bilinear"),
-                           (*common, "-o", b, "--resume", "--match", "stem",
-                            "--summary", tmp_path / "moved.json"))
+    # one after the other: both lock b.csv before they check it (at once, one may meet the lock)
+    other = run(*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json",
+                "--resample", "bilinear")
+    same = run(*common, "-o", b, "--resume", "--match", "stem",
+               "--summary", tmp_path / "moved.json")
     one_line_error(other, 2, "started with --resample bicubic (now bilinear)")
     one_line_error(same, 2, "cannot resume")  # another header: name0,name1,lpips
     assert a.read_bytes() == kept_a and b.read_bytes() == kept_b
