@@ -37,12 +37,13 @@ class ScalingLayer(nn.Module):
 
 
 class NetLinLayer(nn.Module):
-    """Dropout (optional) + 1x1 conv without bias: the learned channel weights of a layer."""
+    """Dropout (optional) + 1x1 conv without bias: the learned channel weights of a layer.
+    The official signature (chn_in, chn_out=1, use_dropout=False)."""
 
-    def __init__(self, channels: int, use_dropout: bool = False):
+    def __init__(self, chn_in: int, chn_out: int = 1, use_dropout: bool = False):
         super().__init__()
         layers = [nn.Dropout()] if use_dropout else []
-        self.model = nn.Sequential(*layers, nn.Conv2d(channels, 1, 1, bias=False))
+        self.model = nn.Sequential(*layers, nn.Conv2d(chn_in, chn_out, 1, bias=False))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -185,7 +186,7 @@ class LPIPS(nn.Module):
             # Registered twice (lin0.. and lins.0..) exactly as upstream, so checkpoints and
             # state_dict keys move both ways.
             for k, c in enumerate(self.chns):
-                setattr(self, f"lin{k}", NetLinLayer(c, use_dropout))
+                setattr(self, f"lin{k}", NetLinLayer(c, use_dropout=use_dropout))
             self.lins = nn.ModuleList([getattr(self, f"lin{k}") for k in range(self.L)])
             if pretrained:
                 self._load_lins(model_path or lin_weights_path(self.pnet_type, version), verbose)
