@@ -15,6 +15,7 @@ Every problem is an `ImageError` (a ValueError) whose message starts with the fi
 """
 from __future__ import annotations
 
+import stat
 import sys
 from pathlib import Path
 
@@ -49,10 +50,18 @@ def alpha_note(path) -> str:
 def _open(path: Path):
     """Open (header only) with Pillow, turning every failure into one ImageError line."""
     from PIL import Image, UnidentifiedImageError
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
         raise ImageError(f"{path}: is a directory, not an image")
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
+    if not stat.S_ISREG(mode):  # opening a named pipe blocks until a writer comes: never
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device")
+        raise ImageError(f"{path}: is {kind}, not a regular file; it is not read")
     try:
         return Image.open(path)
     except PermissionError:

@@ -242,3 +242,39 @@ def test_listing_and_pairing(tmp_path):
     assert list(folders.all_pairs(["a", "b", "c"])) == [("a", "b"), ("a", "c"), ("b", "c")]
     with pytest.raises(folders.UsageError, match="no such directory"):
         folders.list_images(tmp_path / "nope")
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, instead of hanging the suite, if the test blocks (opening a named pipe does)."""
+    import signal
+
+    def stuck(*_):
+        raise TimeoutError("blocked: a file was opened that has no writer")
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_is_refused_never_opened(tmp_path, no_hang):
+    """A FIFO named like an image blocked `dirs` forever (Pillow's open waits for a writer):
+    it is one failed item naming it, the other pairs are scored."""
+    import os
+    from lpips_fast import jobs
+    d0, d1 = tmp_path / "ref", tmp_path / "dist"
+    d0.mkdir(), d1.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rgb(1, 64, 64)).save(d0 / name)
+    Image.fromarray(rgb(2, 64, 64)).save(d1 / "a.png")
+    os.mkfifo(d1 / "b.png")
+    with pytest.raises(io.ImageError, match="b.png: is a named pipe, not a regular file"):
+        io.image_size(d1 / "b.png")
+    with pytest.raises(io.ImageError, match="named pipe"):
+        io.load_image(d1 / "b.png")
+    out = jobs.run(jobs.DirsJob(d0, d1), jobs.Settings(output=tmp_path / "o.csv", device="cpu",
+                                                       progress=False))
+    assert out.written == 1 and len(out.failures) == 1
+    assert "b.png: is a named pipe" in str(out.failures[0])
