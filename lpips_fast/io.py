@@ -10,6 +10,10 @@ the result is RGB in [-1, 1]:
 - 8-bit values are scaled by 255, 16-bit ones (modes I;16, I;16B, I;16L, and I, which Pillow
   uses for 16-bit PNG/TIFF) by their true range 65535, float images (mode F) are taken as [0, 1].
   Pillow reads 16-bit *colour* PNG/TIFF at 8-bit precision (the range is still right).
+  Where the data contradict the format's convention, the data decide, with a note saying so
+  (`value_scale`): a float image whose values exceed 1 holds 0..255 (or 0..65535) values, a
+  16-bit image whose values never exceed 255 holds 8-bit values. A float image with values
+  beyond 65535, NaN or infinity is an ImageError; negative values are clipped to 0 (noted).
 
 Every problem is an `ImageError` (a ValueError) whose message starts with the file's path.
 """
@@ -96,7 +100,7 @@ def read_image(path) -> tuple[np.ndarray, bool]:
     try:
         with img:
             img.load()
-            return pil_to_array(img)
+            return pil_to_array(img, path)
     except ImageError:
         raise
     except PermissionError:
@@ -105,8 +109,32 @@ def read_image(path) -> tuple[np.ndarray, bool]:
         raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
 
 
-def pil_to_array(img) -> tuple[np.ndarray, bool]:
-    """A Pillow image (any mode) as H x W x 3 float32 in [-1, 1], and whether alpha was dropped."""
+def value_scale(a: np.ndarray, mode: str, name) -> float:
+    """The value that stands for full white in a 16-bit or float image: its format's convention
+    (65535; 1.0) unless the data contradict it, then the data's (with a note: it is a guess)."""
+    top = float(a.max()) if a.size else 0.0
+    if mode == "F":
+        if not np.isfinite(a).all() or top > 65535:
+            raise ImageError(f"{name}: a float image with values up to {top:g} (or NaN/inf): "
+                             "not 0..1, 0..255 or 0..65535, so its white is unknown")
+        if a.size and float(a.min()) < 0:
+            note_once("negative", f"{name}: negative values in a float image are clipped to 0 "
+                                  "(further such notes are not shown)")
+        scale = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0
+        convention = 1.0
+    else:
+        scale = 255.0 if top <= 255 else 65535.0
+        convention = 65535.0
+    if scale != convention and top > 0:  # (all black: the same whatever the scale)
+        note_once(f"range{mode}", f"{name}: a {'float' if mode == 'F' else '16-bit'} image "
+                                  f"with values up to {top:g} is read as 0..{scale:g} (a guess "
+                                  "from the data; further such notes are not shown)")
+    return scale
+
+
+def pil_to_array(img, name="image") -> tuple[np.ndarray, bool]:
+    """A Pillow image (any mode) as H x W x 3 float32 in [-1, 1], and whether alpha was dropped.
+    `name` (the file) is what notes and errors say."""
     from PIL import ImageOps
     try:
         img = ImageOps.exif_transpose(img)
@@ -114,11 +142,10 @@ def pil_to_array(img) -> tuple[np.ndarray, bool]:
         pass
     mode = img.mode
     had_alpha = mode in ALPHA or (mode == "P" and "transparency" in img.info)
-    if mode in SIXTEEN_BIT:
+    if mode in SIXTEEN_BIT or mode == "F":
         a = np.asarray(img).astype(np.float32)
-        a = np.clip(a, 0, 65535) / np.float32(32767.5) - 1
-    elif mode == "F":
-        a = np.clip(np.asarray(img, dtype=np.float32), 0, 1) * 2 - 1
+        scale = value_scale(a, mode, name)
+        a = np.clip(a, 0, scale) / np.float32(scale / 2) - 1
     else:
         if mode in ("RGBA", "RGBa"):
             img = img.convert("RGBA")

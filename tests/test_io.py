@@ -278,3 +278,35 @@ def test_a_named_pipe_is_refused_never_opened(tmp_path, no_hang):
                                                        progress=False))
     assert out.written == 1 and len(out.failures) == 1
     assert "b.png: is a named pipe" in str(out.failures[0])
+
+
+def test_float_and_16bit_files_of_8bit_values_read_as_the_8bit_picture(tmp_path, capsys):
+    """A float TIFF of 0..255 values was read as [0, 1] and saturated (0.82 LPIPS against
+    the same picture as PNG): the data decide the scale when they contradict the format's
+    convention, and a note says it was a guess; the conventional files stay silent."""
+    io._noted.clear()
+    a = rgb(5)[..., 0]  # grey: Pillow writes float and 16-bit TIFF for one channel
+    Image.fromarray(a).save(tmp_path / "ref.png")
+    want = io.load_image(tmp_path / "ref.png")
+    files = {"f255.tif": Image.fromarray(a.astype(np.float32), mode="F"),
+             "f1.tif": Image.fromarray(a.astype(np.float32) / 255, mode="F"),
+             "f65535.tif": Image.fromarray(a.astype(np.float32) * 257, mode="F"),
+             "i16of8.png": Image.fromarray(a.astype(np.uint16)),
+             "i16.png": Image.fromarray(a.astype(np.uint16) * 257)}
+    for name, img in files.items():
+        img.save(tmp_path / name)
+        got = io.load_image(tmp_path / name)
+        # 8-bit k -> k / 127.5 - 1 in float32; the same through k/scale: rounding only
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-7, msg=name)
+    err = capsys.readouterr().err
+    assert "f255.tif: a float image with values up to 25" in err and "0..255 (a guess" in err
+    assert "i16of8.png: a 16-bit image with values up to" in err
+    assert "f1.tif" not in err and "i16.png" not in err  # the conventions: no note
+    Image.fromarray(np.full((8, 8), 1e6, np.float32), mode="F").save(tmp_path / "big.tif")
+    with pytest.raises(io.ImageError, match="big.tif: a float image with values up to 1e"):
+        io.load_image(tmp_path / "big.tif")
+    nan = np.zeros((8, 8), np.float32)
+    nan[2, 3] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(io.ImageError, match="nan.tif: .*NaN"):
+        io.load_image(tmp_path / "nan.tif")
