@@ -297,6 +297,7 @@ class PairwisePlan:
                 d = (na[k][:, None] + nb[k][None, :] - 2 * (A @ B.T)) / P
                 d.clamp_(min=0)  # a squared norm: a negative value is rounding only
                 out = d if out is None else out.add_(d)
+            _zero_identical(out, ea, na, eb, nb)
         return out
 
     def block_distances(self, i: int, j: int, row=None) -> torch.Tensor:
@@ -326,6 +327,20 @@ class PairwisePlan:
 
     def row_range(self, i: int) -> tuple[int, int]:
         return i * self.block, min((i + 1) * self.block, self.n)
+
+
+def _zero_identical(d: torch.Tensor, ea: Embedding, na, eb: Embedding, nb) -> None:
+    """Set d[r, c] to exactly 0 where row r's and column c's embeddings are equal (the same
+    image twice, e.g. two copies of a file): the forward scores such a pair exactly 0, the Gram
+    form leaves the rounding of its dot products. Equal squared norms in every layer pick the
+    candidates (cheap, and rare for different images); equal embeddings confirm them."""
+    same = None
+    for a, b in zip(na, nb):
+        eq = a[:, None] == b[None, :]
+        same = eq if same is None else same & eq
+    for r, c in same.nonzero().tolist():
+        if all(torch.equal(ea.flat(k)[r], eb.flat(k)[c]) for k in range(len(na))):
+            d[r, c] = 0
 
 
 # --- public API -------------------------------------------------------------------------------

@@ -500,3 +500,30 @@ def test_embedding_indexing_is_checked():
     assert len(e[3:100]) == 2 and len(e[7:9]) == 0                  # slices clip, as a list's
     assert same(e[torch.tensor([True, False, True, False, False])], e[[0, 2]])
     clear_error(IndexError, "out of range for 0 images", e[:0].__getitem__, 0)
+
+
+def test_the_same_image_twice_scores_exactly_zero_as_the_forward_does(tmp_path):
+    """Two copies of one image (x[0] and x[3]; y[1] = x[2]) are exactly 0 apart, as `pair` and
+    the forward give them: the Gram form alone left the rounding of its dot products."""
+    model = make_model()
+    x = images(4, seed=int(torch.randint(1 << 30, ())))
+    x[3] = x[0]
+    y = torch.cat([images(1, seed=9), x[2:3], images(1, seed=10)])
+    with torch.no_grad():
+        assert float(model(x[:1], x[3:])) == 0.0  # the forward's own answer
+    d = pairwise(x, model=model, batch_size=2, block=2)  # the copies in other blocks
+    assert d[0, 3] == d[3, 0] == 0 and (d == 0).sum() == 4 + 2  # + the diagonal
+    dy = pairwise(x, y, model=model, batch_size=4)
+    assert dy[2, 1] == 0 and (dy != 0).sum() == 11
+    from lpips_fast import jobs
+    from PIL import Image
+    import numpy as np
+    folder = tmp_path / "set"
+    folder.mkdir()
+    pixels = np.random.default_rng().integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    for name, k in (("a.png", 0), ("b.png", 1), ("c.png", 0)):
+        Image.fromarray(pixels[k]).save(folder / name)
+    out = jobs.run(jobs.AllPairsJob(folder), jobs.Settings(output=tmp_path / "o.csv",
+                                                          device="cpu", progress=False))
+    assert out.status == "complete"
+    assert "a.png,c.png,0\n" in (tmp_path / "o.csv").read_text()
