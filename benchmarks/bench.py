@@ -205,7 +205,7 @@ def table(results) -> list:
             if "ms" not in row:
                 lines.append(f"| {case} | {gflop} | {name} | {row['error']} | | | | | |")
                 continue
-            pct = _cell(row["pct_of_limit"], "{:.1f}%") if row["limit_ms"] else "n/a"
+            pct = _cell(row["pct_of_limit"], "{:.3g}%") if row["limit_ms"] else "n/a"
             peak = row.get("peak_bytes")
             lines.append(
                 f"| {case} | {gflop} | {name} | {row['ms']:.3f} | {row['q1_ms']:.3f}-"
@@ -255,13 +255,6 @@ def plot(sweep, path: Path, title: str):
     print(f"wrote {path}")
 
 
-def _limits_arg(text: str) -> dict:
-    try:
-        return limits.parse_limits(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _case_arg(text: str):
     try:
         return parse_case(text)
@@ -283,9 +276,8 @@ def parse_args(argv):
                    help="extra lpips_fast precisions to time (default: bf16 fp16 on GPU)")
     p.add_argument("--cases", nargs="+", type=_case_arg, default=None,
                    help="NET:N:SIZE:fwd|train instead of the device's default cases")
-    p.add_argument("--limits", dest="peaks", type=_limits_arg, default=None,
-                   help="peaks for a device the table lacks, e.g. "
-                        "tf32=495,bf16=990,fp16=990,fp32=67,hbm=3.35 (TFLOP/s, TB/s)")
+    p.add_argument("--limits", dest="peaks", type=limits.limits_arg, default=None,
+                   help=limits.LIMITS_HELP)
     p.add_argument("--quick", action="store_true", help="fewer repeats, no sweep")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="folder for the .json/.md/.png (default ./bench-results)")

@@ -21,6 +21,7 @@ tensor cores when torch.backends.cudnn.allow_tf32 (PyTorch's default) is set.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -60,18 +61,30 @@ def parse_limits(text: str) -> dict:
         key, sep, value = part.partition("=")
         key = key.strip().lower()
         if not sep or key not in KEYS:
-            raise ValueError(f"--limits: expected key=value with keys {', '.join(KEYS)}, "
+            raise ValueError(f"expected key=value with keys {', '.join(KEYS)}, "
                              f"got {part!r}")
         try:
             out[key] = float(value)
         except ValueError:
-            raise ValueError(f"--limits: {key} must be a number, got {value!r}") from None
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
         if not out[key] > 0:
-            raise ValueError(f"--limits: {key} must be positive, got {value!r}")
+            raise ValueError(f"{key} must be positive, got {value!r}")
     missing = [k for k in KEYS if k not in out]
     if missing:
-        raise ValueError(f"--limits: missing {', '.join(missing)}")
+        raise ValueError(f"missing {', '.join(missing)}")
     return out
+
+
+def limits_arg(text: str) -> dict:
+    """parse_limits for argparse's type=: its message becomes the option's one-line error."""
+    try:
+        return parse_limits(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+LIMITS_HELP = ("peaks for a device the table lacks, e.g. tf32=495,bf16=990,fp16=990,fp32=67,"
+               "hbm=3.35 (dense TFLOP/s, TB/s)")
 
 
 def _shapes(net: str, size: int):

@@ -206,7 +206,7 @@ def render_kernels(title, ranked, conv, total_ms, peak, top, counted_gflop, cuda
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--net", default="vgg")
+    p.add_argument("--net", default="vgg", choices=sorted(lpips_fast.backbones.NETS))
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--n", type=int, default=1, help="images per input")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
@@ -218,6 +218,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="least number of timed rounds")
     p.add_argument("--iters", type=int, default=3, help="forwards per profile")
     p.add_argument("--top", type=int, default=12, help="kernels per table")
+    p.add_argument("--limits", dest="peaks", type=limits.limits_arg, default=None,
+                   help=limits.LIMITS_HELP)
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     a = p.parse_args(argv)
     if min(a.size, a.n, a.iters, a.top) < 1 or min(a.warmup, a.repeats) < 0:
@@ -225,7 +227,7 @@ def main(argv=None):
     device = torch.device(a.device)
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
     env = environment(device)
-    peaks = limits.device_limits(env["device"]) if device.type == "cuda" else None
+    peaks = a.peaks or (limits.device_limits(env["device"]) if device.type == "cuda" else None)
 
     torch.manual_seed(0)
     state = lpips_fast.LPIPS(net=a.net, pnet_rand=True, verbose=False).state_dict()
@@ -242,7 +244,10 @@ def main(argv=None):
     parts = [f"## Kernel profile: {what}", "", environment_line(env), "",
              f"Times: {a.warmup} warm-up calls each, then at least {a.repeats} rounds, each "
              "running every variant once in a shuffled order; % of limit as in bench.py "
-             "(benchmarks/limits.py).", "",
+             "(benchmarks/limits.py); " + (
+                 "peaks used: " + ", ".join(f"{k} {v:g}" for k, v in peaks.items()) +
+                 " (TFLOP/s, HBM TB/s)" if peaks else "no peak numbers for this device") +
+             ".", "",
              "| variant | median ms | IQR ms | vs base | % of limit |", "|---|---|---|---|---|"]
     stats = {k: spread(v) for k, v in times.items()}
     counted = 2 * a.n * limits.conv_flops(a.net, a.size)
@@ -252,7 +257,7 @@ def main(argv=None):
         lim = limits.limit_seconds(flops, nbytes, peaks, pr)
         parts.append(f"| {pr} {v} | {s['ms']:.3f} | {s['q1_ms']:.3f}-{s['q3_ms']:.3f} | " +
                      (f"{base['ms'] / s['ms']:.3f}x" if base else "-") + " | " +
-                     (f"{100 * lim * 1e3 / s['ms']:.1f}%" if lim else "n/a") + " |")
+                     (f"{100 * lim * 1e3 / s['ms']:.3g}%" if lim else "n/a") + " |")
     parts.append("")
     report = {"env": env, "times": stats, "profiles": {}}
     for (pr, v), step in steps.items():

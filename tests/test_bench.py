@@ -214,3 +214,13 @@ def test_kernel_table_gives_a_convs_flops_to_its_own_kernel():
     assert fprop["gflop"] == pytest.approx(3.0) and fprop["ms"] == pytest.approx(0.5)
     assert ranked[0]["gflop"] == 0 and ranked[2]["share"] == pytest.approx(1 / 6)
     assert totals["ms"] == pytest.approx(1.25) and totals["gflop"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("case, message", [("vgg:1:x:fwd", "NET:N:SIZE"),
+                                           ("vgg:0:64:fwd", "NET:N:SIZE"),
+                                           ("vgg:1:64:back", "NET:N:SIZE"),
+                                           ("vgx:1:64:fwd", "net must be one of")])
+def test_a_bad_case_is_a_one_line_error(case, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--cases", case])
+    assert message in capsys.readouterr().err
