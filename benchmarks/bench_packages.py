@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import lpips_fast  # noqa: E402
-from bench import commit  # noqa: E402
-from common import device_name  # noqa: E402
+from common import commit, device_name, interleaved_times  # noqa: E402
 
 PAIRS = Path(os.environ.get("LPIPS_FAST_REAL_PAIRS", ROOT.parent / "shared/data/real_pairs"))
 # (N, size, forward+backward wrt the first image): the brief's alex cases; vgg for piq.
@@ -238,7 +237,8 @@ def wait_quiet(limit, timeout):
 
 def speed(adapters, n, size, backward, reps):
     """Median seconds per package: 2 warm-ups each, then `reps` rounds of one timed call per
-    package in turn, so that load from other processes falls on all of them alike."""
+    package in a shuffled order (common.interleaved_times), so that load from other processes
+    falls on all of them alike."""
     u0, u1 = random_u(n, size, seed=1)
     steps = {}
     for a in adapters:
@@ -248,15 +248,9 @@ def speed(adapters, n, size, backward, reps):
             steps[a.name] = lambda a=a, x0=x0, x1=x1: a.loss(x0, x1).backward()
         else:
             steps[a.name] = lambda a=a, x0=x0, x1=x1: a.score(x0, x1)
-    times = {k: [] for k in steps}
     with torch.set_grad_enabled(backward):
-        for step in [*steps.values()] * 2:
-            step()
-        for _ in range(reps):
-            for k, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times(steps, "cpu", warmup=2, rounds=reps, min_time=0.0,
+                                  max_rounds=reps)
     return {k: median(v) for k, v in times.items()}
 
 

@@ -1,11 +1,20 @@
-"""What every benchmark here shares: device names, timing, and the log-log plot style."""
+"""What every benchmark here shares: device names and versions, timing (one interleaved
+round-robin for one or many functions), and the log-log plot style."""
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import os
 import platform
+import random
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def device_name(device) -> str:
@@ -21,6 +30,52 @@ def device_name(device) -> str:
     except OSError:
         pass
     return name
+
+
+def commit() -> str:
+    """The commit under test: $LPIPS_FAST_COMMIT (gpu_check.sh sets it), else git's HEAD
+    (with '+dirty' when the work tree has uncommitted changes)."""
+    if os.environ.get("LPIPS_FAST_COMMIT"):
+        return os.environ["LPIPS_FAST_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        try:  # importable without an installed distribution (e.g. PYTHONPATH, --target)
+            return getattr(importlib.import_module(package), "__version__", "unknown")
+        except ImportError:
+            return "not installed"
+
+
+def environment(device) -> dict:
+    """What a result depends on: the device, every package's version, CUDA/cuDNN, the date."""
+    device = torch.device(device)
+    import lpips_fast
+    name = device_name(device)
+    if device.type != "cuda":
+        name = f"CPU {name} x{torch.get_num_threads()} threads"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"device": name, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": _version("torchvision"), "lpips": _version("lpips"),
+            "lpips_fast": getattr(lpips_fast, "__version__", "unknown"), "commit": commit(),
+            "cuda": torch.version.cuda or "none", "cudnn": str(cudnn) if cudnn else "none",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def environment_line(env: dict) -> str:
+    return (f"{env['device']}; torch {env['torch']}, torchvision {env['torchvision']}, "
+            f"lpips {env['lpips']}, lpips_fast {env['lpips_fast']} (commit {env['commit']}), "
+            f"CUDA {env['cuda']}, cuDNN {env['cudnn']}, Python {env['python']}; {env['date']}")
 
 
 def warm_gpu(device, seconds=1.0) -> None:
@@ -40,33 +95,64 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _time_once(fn, cuda: bool) -> float:
+    """Seconds of one fn() call: CUDA events around it (waiting for the end event, so that
+    the next call starts on an idle GPU), or perf_counter on the CPU (no device to wait for)."""
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_times(fns: dict, device, warmup=2, rounds=None, min_time=0.2, max_rounds=50,
+                      seed=0) -> dict:
+    """Seconds of each named fn() per round: {name: [seconds, ...]}.
+
+    Every fn is called `warmup` times first; then each round calls every fn once, in an order
+    shuffled afresh per round (seeded: reruns use the same orders), so that clock ramps,
+    thermal drift, a noisy neighbour or one fn slowing the next spread over all of them alike
+    instead of favouring whichever ran first. At least `rounds` rounds (3 when None) and until
+    `min_time` seconds per fn have passed, at most max(rounds, max_rounds)."""
+    cuda = torch.device(device).type == "cuda"
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync(device)
+    times = {name: [] for name in names}
+    least = 3 if rounds is None else rounds
+    most = max(least, max_rounds)
+    order, rng = list(names), random.Random(seed)
+    start = time.perf_counter()
+    done = 0
+    while done < least or (done < most and
+                           time.perf_counter() - start < min_time * len(names)):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(_time_once(fns[name], cuda))
+        done += 1
+    return times
+
+
 def median_seconds(fn, device, warmup=2, repeats=None, min_time=0.2, max_reps=50) -> float:
     """Median seconds of fn() after `warmup` calls: at least `repeats` runs (3 when None) and
     until `min_time` has passed, at most max(repeats, max_reps). CUDA events on GPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times, start = [], time.perf_counter()
+    return statistics.median(interleaved_times({"fn": fn}, device, warmup, repeats, min_time,
+                                               max_reps)["fn"])
 
-    least = 3 if repeats is None else repeats
-    most = max(least, max_reps)
 
-    def more():
-        return len(times) < least or (len(times) < most and time.perf_counter() - start < min_time)
-
-    while more():
-        if torch.device(device).type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def spread(seconds) -> dict:
+    """Median, quartiles and extremes of a list of seconds, in milliseconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
+    return {"ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "min_ms": ms[0],
+            "max_ms": ms[-1], "rounds": len(ms)}
 
 
 def two_panels():

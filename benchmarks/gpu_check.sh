@@ -14,7 +14,10 @@
 #      racecheck and synccheck of every head-kernel path (small case), memory.py (peak memory
 #      is per process, so the concurrency leaves it exact; its times are not), precision.py
 #   3. timings, one at a time on a quiet GPU: bench_head.py (fp32 NCHW, channels_last, bf16),
-#      bench.py (official eager and torch.compile vs lpips_fast), gpu_tune.py
+#      profile_kernels.py (vgg 2048 forward per kernel, fp32/bf16, the first conv padded to 8
+#      channels; then again with cudnn.benchmark, which needs its own process; unmeasured on a
+#      GPU: estimated 20-30 s each),
+#      bench.py (official eager and torch.compile vs lpips_fast, interleaved), gpu_tune.py
 # Results: every table and log goes to $RESDIR (default /tmp/gpu_results), packed after each
 # step into $OUT/results.tgz when $OUT is set (else benchmarks/results/gpu-check.tgz), so a
 # run cut short still returns what it measured; the summary is printed last.
@@ -129,6 +132,10 @@ if [ $BUILD_RC -eq 0 ]; then
     --sizes 2048 --channels-last --quick --out "$RESDIR/$SLUG-head-2048-cl.md"
   step bench-head-2048-cl-bf16 120 $PYTHON benchmarks/bench_head.py --device cuda --nets vgg \
     --sizes 2048 --channels-last --dtype bfloat16 --quick --out "$RESDIR/$SLUG-head-2048-cl-bf16.md"
+  # Item 3 of issue 19: which kernels vgg 2048's forward spends its time in.
+  step profile 60 $PYTHON benchmarks/profile_kernels.py --out "$RESDIR/$SLUG-profile.md"
+  step profile-cudnn-benchmark 60 $PYTHON benchmarks/profile_kernels.py --cudnn-benchmark \
+    --out "$RESDIR/$SLUG-profile-cudnn-benchmark.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
     step tune 180 $PYTHON benchmarks/gpu_tune.py --out "$RESDIR/$SLUG-tune.md"
