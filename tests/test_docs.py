@@ -140,6 +140,8 @@ def shell_runs(inputs, tmp_path_factory):
     its own copy of the inputs; a test then waits for its block's process."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    from lpips_fast import weights
+    weights.resolve_backbone("alex")  # fills this session's cache once, for every block to read
     procs = {}
     for b in ALL_BLOCKS:
         if b.lang == "bash" and b.skip is None:
