@@ -3,7 +3,8 @@ from .compat import im2tensor, load_image, tensor2im
 from .embed import Embedding, distance as embedding_distance
 from .graphs import cuda_graphed
 from .metric import LPIPSMetric
-from .model import LPIPS, lpips
+from .functional import lpips
+from .model import LPIPS
 from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
 
