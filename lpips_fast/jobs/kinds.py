@@ -13,6 +13,7 @@ import torch
 from ..errors import UsageError
 from ..folders import (AllPairsScorer, Pair, all_pairs, list_images, match_by_name, pair_loader,
                        plan_allpairs, plan_pairs, score_batch)
+from ..video import VideoPairs
 from .protocol import Listing
 
 MAX_LISTED = 20
@@ -196,7 +197,6 @@ class VideoJob:
     key_columns = 1
 
     def listing(self, s, note) -> Listing:
-        from .video import VideoPairs
         video = VideoPairs(self.ref, self.dist, s.net, s.resize, s.resample)  # checks both
         video.close()  # every rank opens the videos again to decode its own chunks
         keys = [(str(i),) for i in range(video.count)]
@@ -229,7 +229,6 @@ class VideoJob:
 
 class _VideoScorer:
     def __init__(self, job, work, model, s, ctx):
-        from .video import VideoPairs
         (self.n, self.bs), self.model, self.ctx = work, model, ctx
         self.video = VideoPairs(job.ref, job.dist, s.net, s.resize, s.resample)
 
