@@ -19,9 +19,9 @@ import traceback
 from pathlib import Path
 
 # Every import at the top: `import lpips_fast.cli` runs the package's __init__, which imports
-# torch (~2 s) before this module, so the rest costs ~0.05 s more and imports inside functions
-# made neither --help nor an error message faster. Only PyAV stays lazy (`video._av`): an
-# optional dependency that only `lpips-fast video` needs.
+# torch (2-4 s) before this module, so the rest adds 0.05-0.13 s (-X importtime) and imports
+# inside functions made neither --help nor an error message noticeably faster. Only PyAV stays
+# lazy (`video._av`): an optional dependency that only `lpips-fast video` needs.
 import torch
 
 from lpips_fast import jobs, weights
