@@ -87,7 +87,8 @@ class Job(Protocol):
     key_columns: int      # the leading columns that identify a row
 
     def listing(self, s: Settings, note: Callable[[str], None]) -> Listing:
-        """Rank 0: what the job reads and the keys of its rows (UsageError: nothing to do)."""
+        """Rank 0: what the job reads and the keys of its rows (UsageError: an input it
+        cannot use)."""
 
     def plan(self, listing: Listing, done: set, s: Settings) -> tuple[list, Any, list[int]]:
         """(failures known before scoring [(key, error)], the work every rank gets, the
