@@ -7,7 +7,8 @@ from .embed import Embedding, distance as embedding_distance
 from .graphs import cuda_graphed
 from .layers import BCERankingLoss, DSSIM, Dist2LogitLayer, FakeNet, L2
 from .metric import LPIPSMetric
-from .model import LPIPS, NetLinLayer, ScalingLayer, lpips
+from .functional import lpips
+from .model import LPIPS, NetLinLayer, ScalingLayer
 from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
 

@@ -15,7 +15,24 @@ import pickle
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
+
+# Every import at the top: `import lpips_fast.cli` runs the package's __init__, which imports
+# torch (2-4 s) before this module, so the rest adds 0.05-0.13 s (-X importtime) and imports
+# inside functions made neither --help nor an error message noticeably faster. Only PyAV stays
+# lazy (`video._av`): an optional dependency that only `lpips-fast video` needs.
+import torch
+
+from lpips_fast import jobs, weights
+from lpips_fast.devices import resolve_device
+from lpips_fast.distributed import ShardError, launched
+from lpips_fast.errors import NotJoined, Quiet, UsageError
+from lpips_fast.examples import distortions, reference_image
+from lpips_fast.folders import default_workers
+from lpips_fast.heatmap import map_format, save_map
+from lpips_fast.io import RESAMPLE, RESIZE_POLICIES, load_pair, resize, to_tensor
+from lpips_fast.video import _av
 
 NETS = ["alex", "vgg", "squeeze"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
@@ -26,15 +43,10 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _device(name: str):
-    from lpips_fast.jobs import resolve_device
-    return resolve_device(name)
-
-
 def _model(args, device, spatial: bool = False):
-    from lpips_fast.jobs import Settings, make_model
-    return make_model(Settings(net=args.net, version=args.version, impl=args.impl,
-                               precision=args.precision), device, spatial)
+    settings = jobs.Settings(net=args.net, version=args.version, impl=args.impl,
+                             precision=args.precision)
+    return jobs.make_model(settings, device, spatial)
 
 
 def _head_name(model) -> str:
@@ -45,7 +57,6 @@ def _head_name(model) -> str:
 
 def cmd_weights(args) -> int:
     """Show where each net's backbone weights come from, importing them into the cache."""
-    from lpips_fast import weights
     nets = [args.net] if args.net else NETS
     failed = 0
     print(f"cache: {weights.home() / 'backbones'}")
@@ -68,14 +79,9 @@ def cmd_weights(args) -> int:
 # --- pair -------------------------------------------------------------------------------------
 
 def cmd_pair(args) -> int:
-    import torch
-    from lpips_fast.folders import UsageError
-    from lpips_fast.io import load_pair, resize
-    from lpips_fast.jobs import check_outputs
-    dev = _device(args.device)
-    check_outputs({"--spatial-map": args.spatial_map}, [args.a, args.b])
+    dev = resolve_device(args.device)
+    jobs.check_outputs({"--spatial-map": args.spatial_map}, [args.a, args.b])
     if args.spatial_map:  # an unwritable suffix is said now, not after the scoring
-        from lpips_fast.heatmap import map_format
         try:
             map_format(args.spatial_map)
         except ValueError as e:
@@ -89,7 +95,6 @@ def cmd_pair(args) -> int:
     result = {"a": str(args.a), "b": str(args.b), "net": args.net, "version": args.version,
               "precision": args.precision, "size": [size[1], size[0]], "lpips": d}
     if args.spatial_map:
-        from lpips_fast.heatmap import save_map
         out = Path(args.spatial_map)
         with torch.inference_mode():
             dmap = _model(args, dev, spatial=True)(x0.to(dev), x1.to(dev))[0, 0]
@@ -109,22 +114,20 @@ def cmd_pair(args) -> int:
 # --- dirs, allpairs, video: the argument layer over lpips_fast.jobs ---------------------------
 
 def _settings(args):
-    from lpips_fast.jobs import Settings
-    return Settings(output=args.output, summary="auto" if args.summary is None else args.summary,
-                    resume=getattr(args, "resume", False), net=args.net, version=args.version,
-                    precision=args.precision, impl=args.impl, resize=args.resize,
-                    resample=args.resample, device=args.device, batch_size=args.batch_size,
-                    workers=getattr(args, "workers", 0), progress=False if args.quiet else None)
+    return jobs.Settings(
+        output=args.output, summary="auto" if args.summary is None else args.summary,
+        resume=getattr(args, "resume", False), net=args.net, version=args.version,
+        precision=args.precision, impl=args.impl, resize=args.resize, resample=args.resample,
+        device=args.device, batch_size=args.batch_size, workers=getattr(args, "workers", 0),
+        progress=False if args.quiet else None)
 
 
 def _run_job(args, job) -> int:
     """Run a job and report it: the summary on stdout (stderr when the CSV goes to stdout),
     failures and problems as lines on stderr, and the exit code."""
-    from lpips_fast import jobs
-    from lpips_fast.distributed import ShardError
     try:
         outcome = jobs.run(job, _settings(args))
-    except jobs.NotJoined as e:  # said by the rank itself: on other ranks stderr is silenced
+    except NotJoined as e:  # said by the rank itself: on other ranks stderr is silenced
         print(f"error: {e}", file=_REAL_STDERR)
         return 2
     except ShardError as e:  # on a rank other than 0; rank 0 reports what it knows
@@ -151,16 +154,15 @@ def _run_job(args, job) -> int:
 
 
 def _report(args, job, o) -> None:
-    from lpips_fast.jobs import MAX_LISTED
     if o.failures:
         by_msg: dict[str, int] = {}
         for _, msg in o.failures:
             by_msg[msg] = by_msg.get(msg, 0) + 1
         _err(f"failed: {len(o.failures)} of {o.total} {job.unit}s could not be scored:")
-        for msg, n in list(by_msg.items())[:MAX_LISTED]:
+        for msg, n in list(by_msg.items())[:jobs.MAX_LISTED]:
             _err(f"  {msg}" + (f" ({n} {job.unit}s)" if n > 1 else ""))
-        if len(by_msg) > MAX_LISTED:
-            _err(f"  ... and {len(by_msg) - MAX_LISTED} other errors (see the summary)")
+        if len(by_msg) > jobs.MAX_LISTED:
+            _err(f"  ... and {len(by_msg) - jobs.MAX_LISTED} other errors (see the summary)")
     info = o.info
     if args.json and args.output:
         print(json.dumps(info))
@@ -180,20 +182,16 @@ def _report(args, job, o) -> None:
 
 
 def cmd_dirs(args) -> int:
-    from lpips_fast.jobs import DirsJob
-    return _run_job(args, DirsJob(args.dir0, args.dir1, args.recursive, args.match))
+    return _run_job(args, jobs.DirsJob(args.dir0, args.dir1, args.recursive, args.match))
 
 
 def cmd_allpairs(args) -> int:
-    from lpips_fast.jobs import AllPairsJob
-    return _run_job(args, AllPairsJob(args.dir, args.recursive))
+    return _run_job(args, jobs.AllPairsJob(args.dir, args.recursive))
 
 
 def cmd_video(args) -> int:
-    from lpips_fast.jobs import VideoJob
-    from lpips_fast.video import _av
     _av()  # a missing PyAV is said before any other work
-    return _run_job(args, VideoJob(args.ref, args.dist))
+    return _run_job(args, jobs.VideoJob(args.ref, args.dist))
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -215,13 +213,9 @@ def _slug(name: str) -> str:
 
 def cmd_demo(args) -> int:
     """Score the built-in example: one synthetic image against distortions of itself."""
-    import torch
-    from lpips_fast.folders import UsageError
-    from lpips_fast.examples import distortions, reference_image
-    from lpips_fast.io import to_tensor
     t0 = time.perf_counter()
     ref = reference_image()
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
         raise UsageError(f"{args.save}: is a file; --save needs a folder (it is created)")
     model = _model(args, dev)
@@ -240,7 +234,6 @@ def cmd_demo(args) -> int:
         print(f"{name:42s} {d:.4f}  {_bar(d, vmax)}".rstrip())
     print()
     if args.save:
-        from lpips_fast.heatmap import save_map
         out = Path(args.save)
         out.mkdir(parents=True, exist_ok=True)
         ref.save(out / "reference.png")
@@ -282,8 +275,6 @@ def _nonneg(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lpips_fast.folders import default_workers
-    from lpips_fast.io import RESAMPLE, RESIZE_POLICIES
     p = argparse.ArgumentParser(
         prog="lpips-fast", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -400,7 +391,6 @@ def main(argv=None) -> int:
     if getattr(args, "from_file", None) and not args.net:
         _err("error: --from needs --net")
         return 2
-    from lpips_fast.distributed import launched
     _REAL_STDERR = sys.stderr
     if launched() and os.environ.get("RANK", "0") != "0":
         # Under a launch only rank 0 prints (and writes files); the others tell rank 0.
@@ -408,16 +398,12 @@ def main(argv=None) -> int:
         try:
             return _main(args)
         except Exception:  # noqa: BLE001 - unexpected: the traceback goes to the real stderr
-            import traceback
             traceback.print_exc(file=_REAL_STDERR)
             return 1
     return _main(args)
 
 
 def _main(args) -> int:
-    from lpips_fast.folders import UsageError
-    from lpips_fast.jobs import Quiet
-    from lpips_fast.weights import WeightsNotFound
     try:
         return args.func(args)
     except Quiet:
@@ -430,7 +416,7 @@ def _main(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         _err("stopped: the output pipe was closed")
         return BROKEN_PIPE
-    except (UsageError, WeightsNotFound, ValueError) as e:
+    except (UsageError, weights.WeightsNotFound, ValueError) as e:
         # a user mistake gets one line, not a traceback (ImageError is a ValueError)
         _err(f"error: {e}")
         return 2

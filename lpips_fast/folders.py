@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .errors import UsageError  # also imported from here (its home before errors.py)
 from .pairwise import ImageSet
 from .io import (ImageError, check_scoring_size, image_size, mismatch_message, read_image,
                  resize, target_size)
@@ -25,10 +26,6 @@ from .io import (ImageError, check_scoring_size, image_size, mismatch_message, r
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff",
                   ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k",
                   ".avif", ".heic", ".qoi", ".dds", ".ico", ".pcx", ".sgi", ".im"}
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for (exit code 2); str() is the one-line message."""
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
-import os
 import warnings
 
 import torch
 from torch import nn
 
-from . import reference
-from . import tiling
-from .backbones import Backbone, canonical, feature_sizes, min_input_size, too_small
+from . import checks, reference, tiling
+from .backbones import Backbone, canonical
+# check_images, parse_bytes: also imported from here (their home before checks.py)
+from .checks import check_images, nan_if_too_small, parse_bytes  # noqa: F401
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
 
 IMPLS = ("auto", "fused", "reference")
@@ -51,32 +50,6 @@ class NetLinLayer(nn.Module):
 
     def forward(self, x):
         return self.model(x)
-
-
-def parse_bytes(budget, what="memory_budget", minimum=1):
-    """None, or a size in whole bytes (at least `minimum`): a number, or a string such as
-    '512MiB', '16GiB', '2GB'. Smaller, infinite and unparsable sizes raise a ValueError."""
-    if budget is None:
-        return None
-    value = None
-    if isinstance(budget, numbers.Real) and not isinstance(budget, bool):  # numpy's too
-        try:
-            value = float(budget)
-        except OverflowError:  # an int beyond float's range (10**400)
-            value = math.inf
-    elif isinstance(budget, str):
-        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-                 "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
-        text = budget.strip().lower()
-        unit = next((u for u in units if text.endswith(u)), None)
-        try:
-            value = float(text[:-len(unit)] if unit else text) * (units[unit] if unit else 1)
-        except ValueError:
-            value = None
-    if value is None or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{what} must be a size of at least {minimum} bytes, as a number or a "
-                         f"string such as '16GiB', got {budget!r}")
-    return int(value)
 
 
 def _autocast(device_type, dtype=None, enabled=True):
@@ -266,7 +239,7 @@ class LPIPS(nn.Module):
         out_size = tuple(in0.shape[2:]) if self.spatial else None
         tile = self._tile(in0, in1)
         if tile is not None:
-            heads = self._tiled(in0, in1, tile, out_size is not None)
+            heads = tiling.tiled_heads(self, in0, in1, tile, out_size is not None)
         elif self._one_launch(in0, in1):
             f0s, f1s = zip(*self._features(in0, in1))
             weights = [lin.weight for lin in self.lins] if self.lpips else [None] * self.L
@@ -396,64 +369,11 @@ class LPIPS(nn.Module):
         from .embed import embed
         return embed(self, x, normalize=normalize)
 
-    # --- exact tiling (see tiling.py for the geometry) ---------------------------------------
+    # --- exact tiling (tiling.py: the geometry and the tiled forward) ------------------------
 
     def _tile(self, in0, in1):
         """The tile core size for these inputs, or None to run untiled."""
-        if self.tile_size is None and self.memory_budget is None:
-            return None
-        if self._dropout_active():
-            return None  # dropout masks cannot be made to agree across tiles
-        if 0 in (in0.shape[0], in1.shape[0]):
-            # An empty batch needs no memory: the tiled path would size its sums by the
-            # larger batch (1 of a 0-vs-1 broadcast) and hand the kernels empty crops.
-            return None
-        if recording_graph():
-            # The tile grid is Python arithmetic on the image size: a trace would bake the
-            # example's grid in and score other sizes wrong without an error. The recorded
-            # graph runs untiled instead (same values, untiled memory).
-            warnings.warn("lpips_fast: tile_size / memory_budget do not carry over into a "
-                          "traced or exported graph; it runs untiled (same values, the "
-                          "untiled memory)", stacklevel=2)
-            return None
-        tile = self.tile_size
-        if tile is None:
-            element = self._backbone_dtype(in0).itemsize
-            tile = tiling.tile_for_budget(self.pnet_type, self.memory_budget, element,
-                                          in0.shape[0] + in1.shape[0])
-        return tile if tile < max(in0.shape[2:]) else None
-
-    def _tiled(self, in0, in1, tile, want_map):
-        """Every layer's (value, map) from overlapping crops whose cores partition each
-        layer's features: equal to the untiled result up to float rounding."""
-        (H, W), n = in0.shape[2:], max(in0.shape[0], in1.shape[0])
-        geo = tiling.geometry(self.pnet_type)
-        hs, ws = feature_sizes(self.pnet_type, H), feature_sizes(self.pnet_type, W)
-        acc = torch.float64 if in0.dtype == torch.float64 else torch.float32
-        # No in-place writes into tensors made here: under torch.func.vmap the tiles' values
-        # and maps are batched and such a buffer is not (vmap refused the += and the slice
-        # assignment). The sums add out of place; each layer's map is the concatenation of
-        # its tiles' cores, which partition it in row-major order.
-        sums = [torch.zeros(n, dtype=torch.float64, device=in0.device) for _ in geo]
-        rows = [[] for _ in geo]  # per layer: rows of core maps, one row per tile row
-        for ys in tiling.spans(H, tile, self.pnet_type):
-            for row in rows:
-                row.append([])
-            for xs in tiling.spans(W, tile, self.pnet_type):
-                crop = (..., slice(ys.crop_lo, ys.crop_hi), slice(xs.crop_lo, xs.crop_hi))
-                for k, (f0, f1) in enumerate(self._features(in0[crop], in1[crop])):
-                    (a, b), (c, d) = (ys.feature_core(geo[k].stride, hs[k]),
-                                      xs.feature_core(geo[k].stride, ws[k]))
-                    if a >= b or c >= d:
-                        continue  # this tile owns no feature of this coarse layer
-                    core = (..., slice(a, b), slice(c, d))
-                    value, dmap = self._layer(k, f0[core], f1[core], want_map)
-                    sums[k] = sums[k] + value.double() * ((b - a) * (d - c))
-                    if want_map:
-                        rows[k][-1].append(dmap.to(acc))
-        maps = [torch.cat([torch.cat(r, dim=3) for r in layer if r], dim=2) if want_map
-                else None for layer in rows]
-        return [((s / (h * w)).to(acc), m) for s, m, h, w in zip(sums, maps, hs, ws)]
+        return tiling.tile_for(self, in0, in1, recording_graph)
 
     def _warn_if_out_of_range(self, in0, in1, normalize):
         """One warning per model when the first call's inputs are very likely in the wrong
@@ -467,128 +387,14 @@ class LPIPS(nn.Module):
                 in0.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         self._range_checked = True
-        lo0, lo1, hi0, hi1 = torch.stack([t.double() for t in (in0.min(), in1.min(), in0.max(),
-                                                              in1.max())]).tolist()
-        lo, hi = min(lo0, lo1), max(hi0, hi1)
-        if lo >= 0 and 1.5 < hi <= 255:
-            warnings.warn(f"lpips_fast: the inputs look like 0-255 pixel values (min {lo:g}, "
-                          f"max {hi:g}); LPIPS expects [-1, 1], or [0, 1] with "
-                          "normalize=True: divide by 255 and pass normalize=True",
-                          stacklevel=4)
-        elif lo >= 0 and hi <= 1 and not normalize:
-            warnings.warn(f"lpips_fast: the inputs are all in [0, 1] (min {lo:g}, max {hi:g}) "
-                          "but normalize=False, which means [-1, 1]; pass normalize=True if "
-                          "they are [0, 1] images", stacklevel=4)
+        checks.warn_if_out_of_range(in0, in1, normalize)
 
     def _check_inputs(self, in0, in1, names=("in0", "in1")):
-        """Every message names the inputs as the caller calls them (`names`: forward's in0,
-        in1; the metric's img0, img1; embed's x twice, for its one set)."""
-        a, b = names
-        for name, x in zip(names, (in0, in1)):
-            check_images(x, name)
-        if in0.device != in1.device:
-            raise ValueError(f"{a} is on {in0.device} but {b} is on {in1.device}")
-        device = next(self.net.parameters()).device
-        if in0.device != device:
-            who = f"{a} is" if a == b else "the inputs are"
-            raise ValueError(f"{who} on {in0.device} but the model is on {device}: move one "
-                             "of them with .to()")
-        if in0.shape[2:] != in1.shape[2:]:
-            raise ValueError(f"{a} and {b} differ in size: {tuple(in0.shape[2:])} vs "
-                             f"{tuple(in1.shape[2:])}")
-        if in0.shape[0] != in1.shape[0] and 1 not in (in0.shape[0], in1.shape[0]):
-            raise ValueError(f"batch sizes of {a} ({in0.shape[0]}) and {b} ({in1.shape[0]}) "
-                             "do not broadcast (they must be equal, or one of them 1)")
-        problem = too_small(self.pnet_type, *in0.shape[2:])
-        if problem:
-            raise ValueError(f"{a if a == b else f'{a} and {b}'}: {problem}")
+        """`checks.check_pair` for this model: every message names the inputs as the caller
+        calls them (`names`: forward's in0, in1; the metric's img0, img1; embed's x twice)."""
+        checks.check_pair(in0, in1, names, next(self.net.parameters()).device, self.pnet_type)
 
 
-def nan_if_too_small(out, x, net):
-    """In a recorded graph: `out` (a value, a map, or (value, per-layer list)), NaN wherever
-    the image x is smaller than `net`'s minimum. An ONNX graph cannot raise, and below the
-    minimum onnxruntime returned finite, meaningless values (a pooling without an output
-    pixel); NaN cannot pass for a distance. H and W come from the input's data (a sum of
-    ones), which every recorder keeps dynamic: a Python size would be baked in as a constant
-    (jit.trace) or turned into a guard (torch.export)."""
-    h = torch.ones_like(x[:1, :1, :, :1]).sum()
-    w = torch.ones_like(x[:1, :1, :1, :]).sum()
-    ok = torch.minimum(h, w) >= min_input_size(net)
-
-    def flag(t):
-        return torch.where(ok, t, torch.full_like(t, float("nan")))
-    return (flag(out[0]), [flag(r) for r in out[1]]) if isinstance(out, tuple) else flag(out)
-
-
-def check_images(x, name="x"):
-    """The check of one input of `LPIPS.forward` (also of `embed` and each image set of
-    `lpips_fast.pairwise`): a floating-point tensor N x 3 x H x W (RGB) or N x 1 x H x W
-    (grey). 8-bit images scored as numbers up to 255 would be silently wrong."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must be N x 3 x H x W (RGB) or N x 1 x H x W (grey), "
-                         f"got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
-_cache: dict = {}
-REDUCTIONS = ("none", "mean", "sum")
-
-
-def lpips(x0, x1, net="alex", version="0.1", normalize=False, spatial=False, retPerLayer=False,
-          *, reduction="none", resize="none", resample="bicubic", device=None, **kwargs):
-    """Functional LPIPS: builds the module once per (net, version, device, dtype, options).
-
-    x0, x1: N x 3 x H x W tensors, or two image file paths (str or os.PathLike), read as the
-    command line reads them (`lpips_fast.io`: EXIF, 16-bit, alpha, grayscale) into [-1, 1],
-    resampled by `resize` ('none', 'to-first', 'to-smaller') with `resample` ('bicubic',
-    'bilinear'), and scored on `device` (default CPU).
-    reduction: 'none' (the module's output), 'mean' or 'sum' over all its elements, as torch's
-    losses reduce (with spatial=True, over the map's pixels too; with retPerLayer, each layer
-    is reduced the same way).
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    x0, x1 = _inputs(x0, x1, net, normalize, resize, resample, device)
-    # Checked before x0's dtype picks the module: uint8 or bool images failed in Module.to
-    # ("only accepts floating point ... dtypes"), a list or None with an AttributeError, and
-    # complex images converted (and cached) a complex module before the forward refused them.
-    for name, x in (("x0", x0), ("x1", x1)):
-        check_images(x, name)
-    key = (canonical(net), version, x0.device, x0.dtype, spatial, tuple(sorted(kwargs.items())))
-    try:
-        model = _cache.get(key)
-    except TypeError:  # an unhashable option (a list): LPIPS's own check names it below
-        key = model = None
-    if model is None:
-        model = LPIPS(net=net, version=version, spatial=spatial, verbose=False, **kwargs)
-        model = model.to(device=x0.device, dtype=x0.dtype)
-        if key is not None:
-            _cache[key] = model
-    model._check_inputs(x0, x1, ("x0", "x1"))  # the forward's checks, under these names
-    out = model(x0, x1, retPerLayer=retPerLayer, normalize=normalize)
-    if reduction == "none":
-        return out
-    reduce = torch.mean if reduction == "mean" else torch.sum
-    return (reduce(out[0]), [reduce(v) for v in out[1]]) if retPerLayer else reduce(out)
-
-
-def _inputs(x0, x1, net, normalize, resize, resample, device):
-    """The tensors to score: x0 and x1 as given, or the two image files loaded and resized."""
-    paths = [isinstance(x, (str, os.PathLike)) for x in (x0, x1)]
-    if not any(paths):
-        if resize != "none" or device is not None:
-            raise ValueError("resize and device apply to image files; tensors are scored as "
-                             "given, on their own device")
-        return x0, x1
-    if not all(paths):
-        raise TypeError(f"x0 and x1 must both be tensors or both be image paths, got "
-                        f"{type(x0).__name__} and {type(x1).__name__}")
-    if normalize:
-        raise ValueError("normalize=True describes [0, 1] tensors; images read from files "
-                         "are mapped to [-1, 1] already (leave normalize=False)")
-    from .io import load_pair
-    x0, x1, _ = load_pair(x0, x1, resize, resample, canonical(net), option="resize='{}'")
-    return x0.to(device or "cpu"), x1.to(device or "cpu")
+# The functional API's names, also imported from here (their home before functional.py). At
+# the end: functional.py imports LPIPS from this module.
+from .functional import REDUCTIONS, _cache, lpips  # noqa: E402,F401

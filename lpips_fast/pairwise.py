@@ -67,7 +67,7 @@ def _check_no_grad(t: torch.Tensor, name: str) -> None:
 
 class ImageSet:
     """The images of one side of a pairwise call, all of one size and all RGB or all grey,
-    each checked as `LPIPS.forward` checks its inputs (`lpips_fast.model.check_images`):
+    each checked as `LPIPS.forward` checks its inputs (`lpips_fast.checks.check_images`):
     - a tensor N x 3 x H x W or N x 1 x H x W (grey; a 3-D tensor is one image);
     - a list or tuple of C x H x W (or 1 x C x H x W) tensors (all checked up front);
     - any other sequence (`len` and integer indexing, e.g. a Dataset that loads files): items
@@ -78,7 +78,7 @@ class ImageSet:
     channels = None
 
     def __init__(self, images, name: str = "x"):
-        from .model import check_images
+        from .checks import check_images
         self.name, self.lazy, self.size = name, False, None
         if isinstance(images, torch.Tensor):
             if images.dim() == 3:
@@ -102,7 +102,7 @@ class ImageSet:
                     self.items = [first] + [self._item(i) for i in range(1, len(self.items))]
 
     def _item(self, i: int) -> torch.Tensor:
-        from .model import check_images
+        from .checks import check_images
         t, name = self.items[i], self.name
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
@@ -192,7 +192,7 @@ class PairwisePlan:
 
     def __init__(self, x, y=None, model=None, net="alex", version="0.1", batch_size=32,
                  block=None, normalize=False, device=None, max_memory="2GiB", spill_dir=None):
-        from .model import parse_bytes
+        from .checks import parse_bytes
         self.model, self.device = _resolve_model(model, net, version, device)
         self.x = x if isinstance(x, ImageSet) else ImageSet(x, "x")
         ys = None if y is None else (y if isinstance(y, ImageSet) else ImageSet(y, "y"))

@@ -11,13 +11,19 @@ image's own). Tiles therefore have cores on a grid of multiples of S, and crops 
 of at least max_l P_l on the left and max_l (R_l - P_l - S_l) on the right, rounded up to a
 multiple of S. Each layer's features are split among the tiles' cores with no overlap; the
 last tile in a row or column takes whatever is left.
+
+`tile_for` picks an LPIPS model's tile size (tile_size, or memory_budget), `tiled_heads` runs
+its heads tile by tile.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
-from .backbones import NETS, canonical
+import torch
+
+from .backbones import NETS, canonical, feature_sizes
 
 
 @dataclass(frozen=True)
@@ -126,3 +132,65 @@ def tile_for_budget(net: str, budget_bytes: float, element_size: int, images: in
                          f"{margin} pixels) needs about {need / 2**20:.0f} MiB")
     step = alignment(net)
     return side // step * step
+
+
+# --- the tiled forward of an LPIPS model ------------------------------------------------------
+
+def tile_for(model, in0, in1, recording_graph) -> int | None:
+    """The tile core size for `model` (an LPIPS) on these inputs, or None to run untiled.
+    `recording_graph`: the model's test for a graph being recorded (`model.recording_graph`)."""
+    if model.tile_size is None and model.memory_budget is None:
+        return None
+    if model._dropout_active():
+        return None  # dropout masks cannot be made to agree across tiles
+    if 0 in (in0.shape[0], in1.shape[0]):
+        # An empty batch needs no memory: the tiled path would size its sums by the
+        # larger batch (1 of a 0-vs-1 broadcast) and hand the kernels empty crops.
+        return None
+    if recording_graph():
+        # The tile grid is Python arithmetic on the image size: a trace would bake the
+        # example's grid in and score other sizes wrong without an error. The recorded
+        # graph runs untiled instead (same values, untiled memory).
+        warnings.warn("lpips_fast: tile_size / memory_budget do not carry over into a "
+                      "traced or exported graph; it runs untiled (same values, the "
+                      "untiled memory)", stacklevel=3)
+        return None
+    tile = model.tile_size
+    if tile is None:
+        element = model._backbone_dtype(in0).itemsize
+        tile = tile_for_budget(model.pnet_type, model.memory_budget, element,
+                               in0.shape[0] + in1.shape[0])
+    return tile if tile < max(in0.shape[2:]) else None
+
+
+def tiled_heads(model, in0, in1, tile: int, want_map: bool) -> list:
+    """Every layer's (value, map) of `model` (an LPIPS) from overlapping crops whose cores
+    partition each layer's features: equal to the untiled result up to float rounding."""
+    (H, W), n = in0.shape[2:], max(in0.shape[0], in1.shape[0])
+    geo = geometry(model.pnet_type)
+    hs, ws = feature_sizes(model.pnet_type, H), feature_sizes(model.pnet_type, W)
+    acc = torch.float64 if in0.dtype == torch.float64 else torch.float32
+    # No in-place writes into tensors made here: under torch.func.vmap the tiles' values
+    # and maps are batched and such a buffer is not (vmap refused the += and the slice
+    # assignment). The sums add out of place; each layer's map is the concatenation of
+    # its tiles' cores, which partition it in row-major order.
+    sums = [torch.zeros(n, dtype=torch.float64, device=in0.device) for _ in geo]
+    rows = [[] for _ in geo]  # per layer: rows of core maps, one row per tile row
+    for ys in spans(H, tile, model.pnet_type):
+        for row in rows:
+            row.append([])
+        for xs in spans(W, tile, model.pnet_type):
+            crop = (..., slice(ys.crop_lo, ys.crop_hi), slice(xs.crop_lo, xs.crop_hi))
+            for k, (f0, f1) in enumerate(model._features(in0[crop], in1[crop])):
+                (a, b), (c, d) = (ys.feature_core(geo[k].stride, hs[k]),
+                                  xs.feature_core(geo[k].stride, ws[k]))
+                if a >= b or c >= d:
+                    continue  # this tile owns no feature of this coarse layer
+                core = (..., slice(a, b), slice(c, d))
+                value, dmap = model._layer(k, f0[core], f1[core], want_map)
+                sums[k] = sums[k] + value.double() * ((b - a) * (d - c))
+                if want_map:
+                    rows[k][-1].append(dmap.to(acc))
+    maps = [torch.cat([torch.cat(r, dim=3) for r in layer if r], dim=2) if want_map
+            else None for layer in rows]
+    return [((s / (h * w)).to(acc), m) for s, m, h, w in zip(sums, maps, hs, ws)]

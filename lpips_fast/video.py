@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .folders import UsageError
+from .errors import UsageError
 from .io import check_scoring_size, mismatch_message, note_once, resize, target_size
 
 

@@ -1,0 +1,101 @@
+"""What every job kind and the pipeline share: `Settings` (how a job runs), `Listing` (what a
+job found), `Outcome` (what a run returns), and the `Job` / `Scorer` protocols a job kind
+implements (`kinds.py` has the three of the command line)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+
+@dataclass
+class Settings:
+    """How a job runs. `summary`: a path, "auto" (next to the CSV: out.csv -> out.summary.json)
+    or None (none; then `resume` cannot check the first run's options and refuses)."""
+    output: str | os.PathLike | None = None   # the CSV; None: stdout
+    summary: str | os.PathLike | None = "auto"
+    resume: bool = False
+    net: str = "alex"
+    version: str = "0.1"
+    precision: str = "fp32"
+    impl: str = "auto"
+    resize: str = "none"
+    resample: str = "bicubic"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 0
+    progress: bool | None = False             # a tqdm bar on stderr; None: when it is a terminal
+
+    def options(self) -> dict:
+        """The options that change the values: a resumed file must have been made with them."""
+        return {"net": self.net, "version": self.version, "precision": self.precision,
+                "resize": self.resize, "resample": self.resample}
+
+    def summary_path(self) -> Path | None:
+        if self.summary is None or self.summary == "-":
+            return None
+        if self.summary != "auto":
+            return Path(self.summary)
+        return None if self.output is None else Path(self.output).with_name(
+            Path(self.output).stem + ".summary.json")
+
+
+@dataclass
+class Listing:
+    """What a job found on rank 0: the keys of every row of a complete CSV, in order."""
+    keys: list
+    inputs: list          # the files the job reads (no output may be one of them)
+    info: dict            # the job's own summary fields
+    options: dict         # the job's own options a resumed file must share (e.g. match)
+    state: Any = None     # the job's own, for its plan (rank 0 only)
+
+
+@dataclass
+class Outcome:
+    """What rank 0 returns. status: complete | interrupted | failed (a rank or a write failed:
+    `message`) | stopped (an input problem found mid-run, e.g. a frame that changes size)."""
+    status: str
+    written: int
+    resumed: int
+    total: int
+    failures: list        # [(key, error)]: items that could not be scored
+    info: dict            # the summary (also in the summary file)
+    message: str | None = None
+    summary_path: Path | None = None
+    ranks: int = 1
+
+
+class Scorer(Protocol):
+    """Scores the chunks given to one rank, in order; the pipeline closes it (also on failure)."""
+
+    def compute(self, c: int) -> tuple[list, list]:
+        """Chunk c's rows as (cells, value, error) (the cells without the value; error None
+        or a message for an item that could not be scored), and the paths of images whose
+        alpha channel was dropped."""
+
+    def close(self) -> None: ...
+
+
+class Job(Protocol):
+    """A job kind: only what is its own. A kind is a dataclass (its fields are the options every
+    rank must share) and may define `check_row(row) -> str | None`, a further check of a
+    resumed CSV's rows."""
+    command: str          # the command's name, recorded in the summary
+    unit: str             # what a row scores: "pair", "frame"
+    header: list[str]     # the CSV's columns
+    key_columns: int      # the leading columns that identify a row
+
+    def listing(self, s: Settings, note: Callable[[str], None]) -> Listing:
+        """Rank 0: what the job reads and the keys of its rows (UsageError: an input it
+        cannot use)."""
+
+    def plan(self, listing: Listing, done: set, s: Settings) -> tuple[list, Any, list[int]]:
+        """(failures known before scoring [(key, error)], the work every rank gets, the
+        indices of the chunks still to score), cut from the whole listing."""
+
+    def chunk_keys(self, work: Any, c: int) -> list[tuple]:
+        """The keys of chunk c's rows, in order."""
+
+    def scorer(self, work: Any, model, s: Settings, ctx, mine: list[int]) -> Scorer:
+        """This rank's scorer of its chunks `mine` (built before anything is written)."""
