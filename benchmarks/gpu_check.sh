@@ -14,6 +14,7 @@
 #      racecheck and synccheck of every head-kernel path (small case), memory.py (peak memory
 #      is per process, so the concurrency leaves it exact; its times are not), precision.py
 #   3. timings, one at a time on a quiet GPU: bench_head.py (fp32 NCHW, channels_last, bf16),
+#      bench_backbone.py (fused conv + bias + ReLU against eager, per conv layer),
 #      bench.py (official eager and torch.compile vs lpips_fast), gpu_tune.py
 # Results: every table and log goes to $RESDIR (default /tmp/gpu_results), packed after each
 # step into $OUT/results.tgz when $OUT is set (else benchmarks/results/gpu-check.tgz), so a
@@ -94,7 +95,7 @@ if [ $BUILD_RC -eq 0 ]; then
   XDIST=""
   $PYTHON -c "import xdist" 2>/dev/null && XDIST="-n 4"
   step pytest-cuda 240 $PYTHON -m pytest -m cuda tests/test_kernels.py tests/test_cuda_model.py \
-    tests/test_func.py tests/test_metric.py \
+    tests/test_func.py tests/test_metric.py tests/test_backbone_fused.py \
     -q -p no:cacheprovider $XDIST &
   for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 240 "$SAN" --tool $tool --error-exitcode 1 \
@@ -129,6 +130,10 @@ if [ $BUILD_RC -eq 0 ]; then
     --sizes 2048 --channels-last --quick --out "$RESDIR/$SLUG-head-2048-cl.md"
   step bench-head-2048-cl-bf16 120 $PYTHON benchmarks/bench_head.py --device cuda --nets vgg \
     --sizes 2048 --channels-last --dtype bfloat16 --quick --out "$RESDIR/$SLUG-head-2048-cl-bf16.md"
+  # The fused backbone layer (bias-free conv + one bias/ReLU kernel) against eager, per conv
+  # layer of alex and vgg: picks LPIPS_FAST_BACKBONE's default (GPU_NOTES "Fused backbone").
+  step bench-backbone 90 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
+    --out "$RESDIR/$SLUG-backbone.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
     step tune 180 $PYTHON benchmarks/gpu_tune.py --out "$RESDIR/$SLUG-tune.md"
