@@ -17,6 +17,7 @@
 #      profile_kernels.py (vgg 2048 forward per kernel, fp32/bf16, the first conv padded to 8
 #      channels; then again with cudnn.benchmark, which needs its own process; unmeasured on a
 #      GPU: estimated 20-30 s each),
+#      bench_backbone.py (fused conv + bias + ReLU against eager, per conv layer),
 #      bench.py (official eager and torch.compile vs lpips_fast, interleaved), gpu_tune.py
 # Results: every table and log goes to $RESDIR (default /tmp/gpu_results), packed after each
 # step into $OUT/results.tgz when $OUT is set (else benchmarks/results/gpu-check.tgz), so a
@@ -97,7 +98,7 @@ if [ $BUILD_RC -eq 0 ]; then
   XDIST=""
   $PYTHON -c "import xdist" 2>/dev/null && XDIST="-n 4"
   step pytest-cuda 240 $PYTHON -m pytest -m cuda tests/test_kernels.py tests/test_cuda_model.py \
-    tests/test_func.py tests/test_metric.py \
+    tests/test_func.py tests/test_metric.py tests/test_backbone_fused.py \
     -q -p no:cacheprovider $XDIST &
   for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 240 "$SAN" --tool $tool --error-exitcode 1 \
@@ -136,6 +137,10 @@ if [ $BUILD_RC -eq 0 ]; then
   step profile 60 $PYTHON benchmarks/profile_kernels.py --out "$RESDIR/$SLUG-profile.md"
   step profile-cudnn-benchmark 60 $PYTHON benchmarks/profile_kernels.py --cudnn-benchmark \
     --out "$RESDIR/$SLUG-profile-cudnn-benchmark.md"
+  # The fused backbone layer (bias-free conv + one bias/ReLU kernel) against eager, per conv
+  # layer of alex and vgg: picks LPIPS_FAST_BACKBONE's default (GPU_NOTES "Fused backbone").
+  step bench-backbone 90 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
+    --out "$RESDIR/$SLUG-backbone.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
     step tune 180 $PYTHON benchmarks/gpu_tune.py --out "$RESDIR/$SLUG-tune.md"

@@ -11,6 +11,10 @@
 //   L x N. `weights` has one tensor per layer; an EMPTY tensor (numel 0) means "no weights"
 //   for that layer (Tensor?[] would be simpler but custom-op autograd does not track the
 //   tensors inside an optional list, so their gradients would be lost).
+// conv_bias_relu: relu(conv2d(x, weight) + bias) (dilation 1, groups 1) as ATen's bias-free
+//   convolution plus one epilogue pass (csrc/conv.h); the output has the convolution's layout.
+// conv_bias_relu_backward: gradients for x, weight, bias (output_mask selects; the others are
+//   returned empty) from the forward's output: one ReLU-mask pass, one convolution_backward.
 #pragma once
 
 #include <torch/library.h>
@@ -32,6 +36,13 @@ inline void define_schemas(torch::Library& m) {
       "head_all_backward(Tensor grad_values, Tensor?[] grad_maps, Tensor[] f0s, Tensor[] f1s, "
       "Tensor[] weights, Tensor[] r0s, Tensor[] r1s, bool[3] output_mask) -> "
       "(Tensor[] grad_f0s, Tensor[] grad_f1s, Tensor[] grad_weights)");
+  m.def(
+      "conv_bias_relu(Tensor x, Tensor weight, Tensor bias, int[2] stride, int[2] padding) -> "
+      "Tensor");
+  m.def(
+      "conv_bias_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, "
+      "int[2] stride, int[2] padding, bool[3] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace lpips_fast

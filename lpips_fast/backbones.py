@@ -7,10 +7,20 @@ LPIPS module's (`net.slice2.3.weight`), and a torchvision checkpoint loads by a 
 """
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
+
+# How the backbone runs each conv + ReLU pair: "eager" (its modules: conv with bias, ReLU) or
+# "fused" (lpips_fast._conv_ops: bias-free conv, one bias + ReLU pass; its backward one mask
+# pass + one convolution_backward). The default stays "eager" until a GPU run has measured
+# which wins (benchmarks/bench_backbone.py, benchmarks/GPU_NOTES.md "Fused backbone"); on the
+# CPU eager already fuses the bias into oneDNN's convolution, so "fused" only adds a pass.
+BACKBONE_IMPLS = ("eager", "fused")
+BACKBONE_ENV = "LPIPS_FAST_BACKBONE"
 
 # Layer specs in torchvision order: ("conv", in, out, kernel, stride, padding),
 # ("relu",), ("pool", kernel, stride, ceil_mode), ("fire", in, squeeze, expand1x1, expand3x3).
@@ -67,10 +77,47 @@ class Fire(nn.Module):
         self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
         self.expand3x3_activation = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.squeeze_activation(self.squeeze(x))
-        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
-                          self.expand3x3_activation(self.expand3x3(x))], 1)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        x = _conv_relu(self.squeeze, self.squeeze_activation, x, fused)
+        return torch.cat([_conv_relu(self.expand1x1, self.expand1x1_activation, x, fused),
+                          _conv_relu(self.expand3x3, self.expand3x3_activation, x, fused)], 1)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _fusable(conv: nn.Module, relu: nn.Module) -> bool:
+    """A plain conv + ReLU pair that the fused op computes exactly: no hooks to honour
+    (the op bypasses the modules' __call__), a bias, zero padding given as numbers,
+    dilation 1, one group, one dtype."""
+    return (type(conv) is nn.Conv2d and type(relu) is nn.ReLU and conv.bias is not None
+            and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and conv.bias.dtype == conv.weight.dtype
+            and not (_has_hooks(conv) or _has_hooks(relu)))
+
+
+def _conv_relu(conv: nn.Conv2d, relu: nn.ReLU, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    if fused and _fusable(conv, relu):
+        from . import _conv_ops
+        return _conv_ops.conv_bias_relu(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    return relu(conv(x))
+
+
+def _run_fused(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A slice with each conv + ReLU pair (also inside fire modules) through the fused op."""
+    layers = list(block)
+    i = 0
+    while i < len(layers):
+        m = layers[i]
+        if isinstance(m, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+            x = _conv_relu(m, layers[i + 1], x, True)
+            i += 2
+            continue
+        x = m.forward(x, fused=True) if type(m) is Fire and not _has_hooks(m) else m(x)
+        i += 1
+    return x
 
 
 def _layer(spec) -> nn.Module:
@@ -155,6 +202,47 @@ class Backbone(nn.Module):
             setattr(self, f"slice{k}", block)
         self._init_like_torchvision(canonical(net))
         self._outputs = OUTPUTS[canonical(net)]
+        self.impl = None
+
+    @property
+    def impl(self):
+        """None (follow the LPIPS_FAST_BACKBONE environment variable, read at every call;
+        "eager" when unset), "eager" or "fused": how conv + ReLU pairs run (BACKBONE_IMPLS)."""
+        return getattr(self, "_impl", None)  # (a Backbone pickled before it had one)
+
+    @impl.setter
+    def impl(self, value):
+        if value is not None and value not in BACKBONE_IMPLS:
+            raise ValueError(f"backbone impl must be None or one of {BACKBONE_IMPLS}, got {value!r}")
+        self._impl = value
+
+    def resolved_impl(self) -> str:
+        """The impl in force now: the attribute, else LPIPS_FAST_BACKBONE, else "eager"."""
+        if self.impl is not None:
+            return self.impl
+        value = os.environ.get(BACKBONE_ENV, "") or "eager"
+        if value not in BACKBONE_IMPLS:
+            raise ValueError(f"{BACKBONE_ENV} must be one of {BACKBONE_IMPLS}, got {value!r}")
+        return value
+
+    def _fused_now(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the fused ops. Eager instead (same values) while a graph
+        is recorded for export (jit.trace, ONNX, torch.export: the graph holds standard
+        ops only, as for the head), under torch.func transforms and forward-mode AD (the
+        ops' autograd is reverse mode only), and on devices without the ops' kernels."""
+        if self.resolved_impl() != "fused":
+            return False
+        from . import _ops
+        from .model import recording_graph
+        if not _ops.available():
+            raise RuntimeError(f"backbone impl 'fused' but the lpips_fast extension is not "
+                               f"available ({_ops.load_error}); use 'eager'")
+        return not (recording_graph() or torch._C._are_functorch_transforms_active()
+                    or fwAD._current_level >= 0 or x.device.type not in ("cpu", "cuda"))
+
+    def run_slice(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """One slice (of `slices()`) on x, by the impl in force."""
+        return _run_fused(block, x) if self._fused_now(x) else block(x)
 
     def _init_like_torchvision(self, net: str):
         """pnet_rand=True draws the same distributions as torchvision's untrained models
@@ -175,7 +263,7 @@ class Backbone(nn.Module):
         (`.relu1` ... for alex and squeeze, `.relu1_2` ... for vgg)."""
         outs = []
         for block in self.slices():
-            x = block(x)
+            x = self.run_slice(block, x)
             outs.append(x)
         return self._outputs(*outs)
 

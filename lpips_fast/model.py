@@ -179,6 +179,16 @@ class LPIPS(nn.Module):
         self._impl = value
 
     @property
+    def backbone_impl(self):
+        """How the backbone's conv + ReLU pairs run: None (LPIPS_FAST_BACKBONE, default
+        'eager'), 'eager' or 'fused' (see lpips_fast.backbones.Backbone.impl)."""
+        return self.net.impl
+
+    @backbone_impl.setter
+    def backbone_impl(self, value):
+        self.net.impl = value
+
+    @property
     def precision(self):
         """The backbone's precision: None (follow the caller's autocast), 'fp32', 'bf16', 'fp16'."""
         return self._precision
@@ -310,7 +320,7 @@ class LPIPS(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)  # (vmap cannot: layout only)
         for block in self.net.slices():
             with self._precision_context(x.device.type):
-                x = block(x)
+                x = self.net.run_slice(block, x)  # eager or fused (self.backbone_impl)
             yield x
 
     def _features(self, in0, in1):

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Per conv layer of alex and vgg: eager conv + bias + ReLU against the fused op
+(lpips_fast._conv_ops: bias-free conv + one epilogue; backward: one mask pass + one
+convolution_backward), forward and forward+backward (input gradient only, frozen weights).
+
+Each layer runs at the shapes the benchmark cases give it (a pair in one pass: batch 2N).
+The two implementations alternate call by call (interleaved, so clock and thermal drift hit
+both alike); medians of the repeats, CUDA events on a GPU. On the CPU it runs tiny cases
+only to check that it works: CPU timings say nothing about the GPU's epilogue passes.
+
+    python benchmarks/bench_backbone.py                      # CPU, tiny
+    python benchmarks/bench_backbone.py --device cuda --out results/backbone.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lpips_fast import _conv_ops, _ops  # noqa: E402
+from lpips_fast.backbones import NETS  # noqa: E402
+from common import device_name, warm_gpu  # noqa: E402
+
+# (net, N pairs, size, backward): bench.py's GPU cases for alex and vgg (squeeze's 1x1/3x3
+# fire convs are covered by the model-level count), tiny ones on the CPU.
+GPU_CASES = [("alex", 32, 64, True), ("alex", 1, 1024, False), ("vgg", 16, 256, True),
+             ("vgg", 1, 2048, False)]
+CPU_CASES = [("alex", 2, 64, True), ("vgg", 1, 32, True)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def conv_layers(net, size):
+    """(index, cin, cout, kernel, stride, padding, input size) of every conv of `net`."""
+    specs, _, _, _ = NETS[net]
+    out, s = [], size
+    for i, (kind, *a) in enumerate(specs):
+        if kind == "conv":
+            cin, cout, k, st, p = a
+            out.append((i, cin, cout, k, st, p, s))
+            s = (s + 2 * p - k) // st + 1
+        elif kind == "pool":
+            k, st, ceil = a
+            s = (s - k + (st - 1 if ceil else 0)) // st + 1
+    return out
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
+    """Median seconds {(impl, 'fwd'|'fwdbwd'): s} for one conv layer."""
+    _, cin, cout, k, st, p, s = layer
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, cin, s, s, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
+    w = w.contiguous(memory_format=fmt)
+    b = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
+    impls = {
+        "eager": lambda x: F.relu(F.conv2d(x, w, b, st, p), inplace=True),
+        "fused": lambda x: _conv_ops.conv_bias_relu(x, w, b, (st, st), (p, p)),
+    }
+    xg = x.detach().requires_grad_(True)
+    runs = {}
+    for impl, f in impls.items():
+        runs[(impl, "fwd")] = lambda f=f: f(x)
+        if backward:
+            def fb(f=f):
+                out = f(xg)
+                (gx,) = torch.autograd.grad(out, xg, torch.ones_like(out))
+            runs[(impl, "fwdbwd")] = fb
+    with torch.no_grad():
+        for key, fn in runs.items():  # warm-up (cuDNN algorithm choice, allocator)
+            if key[1] == "fwd":
+                fn()
+    for key, fn in runs.items():
+        if key[1] == "fwdbwd":
+            fn()
+    times = {key: [] for key in runs}
+    for _ in range(reps):
+        for key, fn in runs.items():  # interleaved: eager, fused, eager, fused, ...
+            with torch.set_grad_enabled(key[1] == "fwdbwd"):
+                times[key].append(timed(fn, device))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--nchw", action="store_true", help="NCHW (default: channels_last, as LPIPS)")
+    p.add_argument("--reps", type=int, default=None, help="default: 15 on CUDA, 3 on CPU")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    if not _ops.available():
+        sys.exit(f"lpips_fast extension not available: {_ops.load_error}")
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    reps = args.reps or (15 if gpu else 3)
+    if gpu:
+        torch.backends.cudnn.benchmark = False  # the model's default: heuristics pick
+        warm_gpu(device)
+    lines = [f"# conv + bias + ReLU: eager vs fused, {device_name(device)}, {args.dtype}, "
+             f"{'NCHW' if args.nchw else 'channels_last'}, medians of {reps} (ms)", "",
+             "| case | layer | x shape | k/s/p | eager fwd | fused fwd | x | "
+             "eager fwd+bwd | fused fwd+bwd | x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for net, n, size, backward in (GPU_CASES if gpu else CPU_CASES):
+        total = {}
+        for layer in conv_layers(net, size):
+            t = bench_layer(layer, 2 * n, DTYPES[args.dtype], device, not args.nchw, backward, reps)
+            for key, v in t.items():
+                total[key] = total.get(key, 0.0) + v
+            lines.append(_row(f"{net} {n}x{size}", f"features.{layer[0]}",
+                              f"{2 * n}x{layer[1]}x{layer[6]}x{layer[6]}",
+                              f"{layer[3]}/{layer[4]}/{layer[5]}", t))
+            print(lines[-1], flush=True)
+        lines.append(_row(f"{net} {n}x{size}", "**all convs**", "", "", total))
+        print(lines[-1], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def _row(case, layer, shape, ksp, t):
+    def ms(key):
+        return f"{t[key] * 1e3:.3f}" if key in t else "-"
+
+    def ratio(kind):
+        return f"{t[('eager', kind)] / t[('fused', kind)]:.2f}" if ("fused", kind) in t else "-"
+    return (f"| {case} | {layer} | {shape} | {ksp} | {ms(('eager', 'fwd'))} | "
+            f"{ms(('fused', 'fwd'))} | {ratio('fwd')} | {ms(('eager', 'fwdbwd'))} | "
+            f"{ms(('fused', 'fwdbwd'))} | {ratio('fwdbwd')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Python side of the fused backbone layer ops (C++: csrc/conv.h, csrc/cpu/conv_cpu.cpp,
+csrc/cuda/conv_cuda.cu): fake kernels, autograd, the autocast-aware wrapper.
+
+- ``conv_bias_relu(x, weight, bias, stride[2], padding[2]) -> out``
+  = relu(conv2d(x, weight, bias, stride, padding)): ATen's bias-free convolution, then one
+  bias + ReLU pass (CUDA: one kernel) instead of eager's bias add and ReLU passes.
+- ``conv_bias_relu_backward(grad_out, out, x, weight, stride[2], padding[2], output_mask[3])
+  -> (grad_x, grad_weight, grad_bias)``: one ReLU-mask pass, one convolution_backward.
+
+Autograd returns every gradient that is asked for (input, weight, bias). A backward that
+records a graph (create_graph=True) runs eager's own differentiable formulas
+(threshold_backward, convolution_backward), so second-order gradients are eager's.
+Not supported through these ops, the backbone takes its eager modules there instead
+(lpips_fast.backbones): torch.func transforms (vmap, grad, jacrev, ...) and forward-mode AD
+(register_autograd's function is rejected under torch.func), graphs recorded for export.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_DILATION, _OUTPUT_PADDING = [1, 1], [0, 0]
+
+
+def _conv_backward(grad, x, weight, stride, padding, mask):
+    """aten.convolution_backward with this op's fixed arguments (differentiable itself)."""
+    bias_sizes = [weight.shape[0]] if mask[2] else None
+    return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding,
+                                               _DILATION, False, _OUTPUT_PADDING, 1, mask)
+
+
+def register(ns: str = "lpips_fast") -> None:
+    """Fake kernels and autograd of the conv ops in torch.ops.<ns> (the extension's, or the
+    tests' CPU emulation of the CUDA kernels)."""
+    ops = getattr(torch.ops, ns)
+
+    @torch.library.register_fake(f"{ns}::conv_bias_relu")
+    def _fwd_fake(x, weight, bias, stride, padding):
+        # ATen's own shape and layout rules (the real op returns the convolution's output)
+        y = torch.ops.aten.convolution(x, weight, None, stride, padding, _DILATION, False,
+                                       _OUTPUT_PADDING, 1)
+        return torch.empty_like(y)
+
+    @torch.library.register_fake(f"{ns}::conv_bias_relu_backward")
+    def _bwd_fake(grad_out, out, x, weight, stride, padding, output_mask):
+        # the real op hands convolution_backward the masked gradient in out's layout
+        grads = _conv_backward(torch.empty_like(out), x, weight, stride, padding, output_mask)
+        return tuple(g if m and g is not None else x.new_empty(0)
+                     for g, m in zip(grads, output_mask))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, stride, padding = inputs
+        ctx.save_for_backward(x, weight, output)
+        ctx.stride, ctx.padding = list(stride), list(padding)
+
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+        if not any(mask):
+            return None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: eager's differentiable formulas
+            g = torch.ops.aten.threshold_backward(grad, out, 0)
+            grads = _conv_backward(g, x, weight, ctx.stride, ctx.padding, mask)
+        else:
+            grads = ops.conv_bias_relu_backward(grad, out, x, weight, ctx.stride, ctx.padding,
+                                                mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None)
+
+    torch.library.register_autograd(f"{ns}::conv_bias_relu", backward,
+                                    setup_context=setup_context)
+
+
+def _autocast_args(*tensors):
+    """The tensors as autocast hands them to conv2d: floating ones but float64 in the
+    autocast dtype (custom ops are not cast by autocast itself)."""
+    dev = tensors[0].device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors
+    low = torch.get_autocast_dtype(dev)
+    return tuple(t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   stride: Sequence[int], padding: Sequence[int],
+                   ns: str = "lpips_fast") -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, stride, padding)) through the fused op, under the
+    caller's autocast as eager conv2d would run it."""
+    x, weight, bias = _autocast_args(x, weight, bias)
+    return getattr(torch.ops, ns).conv_bias_relu(x, weight, bias, list(stride), list(padding))
