@@ -43,8 +43,8 @@ CPU_CASES = [("alex", 8, 64, True), ("alex", 1, 512, False), ("vgg", 2, 128, Tru
              ("vgg", 1, 512, False), ("squeeze", 8, 64, True)]
 SWEEP = {"cuda": [256, 512, 1024, 2048], "cpu": [128, 256, 512, 1024]}
 OFFICIAL, COMPILED = "official", "official+compile"
-ORDER = [OFFICIAL, COMPILED, "lpips_fast", "lpips_fast bf16", "lpips_fast fp16",
-         "lpips_fast+compile"]
+ORDER = [OFFICIAL, COMPILED, "lpips_fast", "lpips_fast fused-backbone", "lpips_fast bf16",
+         "lpips_fast fp16", "lpips_fast+compile"]
 
 
 def parse_case(text: str):
@@ -80,11 +80,16 @@ def implementations(net: str, device, precisions, compiled: bool) -> dict:
     ours = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False).to(device)
     state = ours.state_dict()
 
-    def fast(precision=None):
+    def fast(precision=None, backbone="eager"):
         m = lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False, precision=precision)
         m.load_state_dict(state)
+        m.backbone_impl = backbone
         return m.to(device)
-    impls = {OFFICIAL: official_model(net, state, device), "lpips_fast": ours}
+    ours.backbone_impl = "eager"  # the rows say which backbone they time, whatever the env says
+    impls = {OFFICIAL: official_model(net, state, device), "lpips_fast": ours,
+             # the fused conv + bias + ReLU backbone (issue 19 item 1): the GPU run decides
+             # whether it becomes the default
+             "lpips_fast fused-backbone": fast(backbone="fused")}
     impls.update({f"lpips_fast {p}": fast(p) for p in precisions})
     if compiled:
         # A fresh compile per case with static shapes: reusing dynamo's cache across cases

@@ -88,8 +88,8 @@ def test_bench_main_writes_its_tables_only_to_out(tmp_path, monkeypatch):
     for key in ("torch", "torchvision", "lpips", "lpips_fast", "commit", "cuda", "cudnn", "date"):
         assert meta[key], key
     rows = case["rows"]
-    assert list(rows) == ["official", "official+compile", "lpips_fast", "lpips_fast bf16",
-                          "lpips_fast+compile"]
+    assert list(rows) == ["official", "official+compile", "lpips_fast",
+                          "lpips_fast fused-backbone", "lpips_fast bf16", "lpips_fast+compile"]
     flops, fp32_bytes = limits.case_work("alex", 1, 64, False)
     assert case["gflop"] == flops / 1e9
     for name, row in rows.items():
