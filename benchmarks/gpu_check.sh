@@ -2,6 +2,8 @@
 # One-call check of the CUDA path on a GPU machine with no network (issue 10).
 #
 #   bash benchmarks/gpu_check.sh    # everything: 5 to 6 minutes on an H100 (315 s and 307 s)
+#                                   # before issue 19's steps; expect ~8 minutes now
+#   ONLY="pytest-cuda bench-backbone bench" bash benchmarks/gpu_check.sh   # just those steps
 #
 # Expects torch, pytest and ninja for $PYTHON (default python3); no virtual environment.
 # Optional, carried by the caller (benchmarks/gpu_carry.sh prepares them in .gpu/):
@@ -53,9 +55,17 @@ STATUS="$RESDIR/status.txt"
 # Steps run in parallel pack too: each writes its own temporary file, then renames it.
 pack() { tar czf "$PACK.$BASHPID" -C "$RESDIR" . 2>/dev/null && mv -f "$PACK.$BASHPID" "$PACK"; }
 
+# ONLY="build pytest-cuda bench ..." runs just the named steps (a glob each, e.g. "bench-head-*"),
+# so a session short of device time can run what it needs first; build always runs.
 step() {  # step NAME TIMEOUT_S CMD...   (output in $RESDIR/logs/NAME.log)
   local name=$1 limit=$2
   shift 2
+  if [ -n "${ONLY:-}" ] && [ "$name" != build ]; then
+    local pat pats wanted=
+    read -ra pats <<< "$ONLY"  # no pathname expansion of the globs
+    for pat in "${pats[@]}"; do [[ $name == $pat ]] && wanted=1; done
+    if [ -z "$wanted" ]; then echo "| $name | skipped (ONLY) | 0 s |" >> "$STATUS"; return 0; fi
+  fi
   local t0=$SECONDS log="$RESDIR/logs/$name.log" rc
   echo "=== $name: $*"
   timeout -k 10 "$limit" "$@" > "$log" 2>&1
