@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import IMPLS, official_like, randomize_lins
+from helpers import IMPLS, official_like, randomize_lins
 
 
 def random_model(impl="reference", **kwargs):
