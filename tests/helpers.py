@@ -2,14 +2,13 @@
 
 - the command line, run in this process (`cli`, `cli_many`) or as a real process (`spawn`);
 - image and video files, CSV reading;
-- the official package as an oracle with our exact weights (`official_like`, built once per
-  configuration and copied), random models and inputs, the comparison of the parity tests;
+- the official package as an oracle with our exact weights (`official_like`), random models
+  and inputs, the comparison of the parity tests;
 - the kernels' devices ("cpu", "emu": the CUDA kernels run on the CPU by tests/emu.py, "cuda").
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import io
 import os
@@ -195,26 +194,24 @@ def fused_available() -> bool:
 IMPLS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(
     not fused_available(), reason="lpips_fast extension not built"))]
 
-_official: dict = {}
-
-
 def official_like(ours, **kwargs):
-    """The official lpips.LPIPS with `ours`'s exact state (backbone and lin weights).
+    """The official lpips.LPIPS with `ours`'s exact state (backbone and lin weights), on the
+    CPU in its own dtypes.
 
-    Built with pnet_rand=True (its pretrained path downloads), then loaded with our
-    state_dict: this also proves that the two modules' state_dict keys are the same.
-    Building it initializes a whole torchvision classifier (vgg16: 1-2 s), so one is built
-    per configuration and each call gets a copy with ours's weights loaded (strict: every
-    tensor of the copy is overwritten, none survives from the copied one).
+    Built with pnet_rand=True (its pretrained path downloads) on the meta device (no memory,
+    no initialization: torchvision's vgg16 alone spent 1-2 s initializing a classifier that
+    LPIPS drops), then given our state_dict (strict: every tensor it has is replaced, so one
+    left uninitialized fails; this also proves that the two modules' keys are the same).
     """
-    key = tuple(sorted(kwargs.items()))
-    if key not in _official:  # fork_rng: the global RNG is left as no build had happened
-        with warnings.catch_warnings(), torch.random.fork_rng():
-            warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices
-            import lpips
-            _official[key] = lpips.LPIPS(pnet_rand=True, verbose=False, **kwargs)
-    theirs = copy.deepcopy(_official[key])
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices
+        import lpips
+        with torch.device("meta"):
+            theirs = lpips.LPIPS(pnet_rand=True, verbose=False, **kwargs)
+    own = theirs.state_dict()
+    state = {k: v.detach().to(device="cpu", dtype=own[k].dtype if k in own else v.dtype,
+                              copy=True) for k, v in ours.state_dict().items()}
+    theirs.load_state_dict(state, strict=True, assign=True)
     return theirs.eval()
 
 
