@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -122,6 +123,14 @@ def spawn(*args, env: dict | None = None, timeout=300) -> subprocess.Popen:
 def finish(p: subprocess.Popen, timeout=300) -> Ran:
     stdout, stderr = p.communicate(timeout=timeout)
     return Ran(p.args, p.returncode, stdout, stderr, stdout.encode("utf-8", "surrogateescape"))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now, for a rendezvous (a launch binds it moments later;
+    another process could take it in between, which would fail a test loudly, not wrongly)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def one_line_error(out, code, *needles):

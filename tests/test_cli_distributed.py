@@ -10,7 +10,6 @@ of ranks (torchrun --nproc_per_node 1 is the same code path: a launch of one pro
 distributed one).
 """
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import cli
+from helpers import cli, free_port
 
 
 def env():
@@ -28,12 +27,6 @@ def env():
                       "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")}
     e.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="")
     return e
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plain(*args):
