@@ -205,7 +205,7 @@ IMPLS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(
 
 def official_like(ours, **kwargs):
     """The official lpips.LPIPS with `ours`'s exact state (backbone and lin weights), on the
-    CPU in its own dtypes.
+    CPU in its own dtypes and layout.
 
     Built with pnet_rand=True (its pretrained path downloads) on the meta device (no memory,
     no initialization: torchvision's vgg16 alone spent 1-2 s initializing a classifier that
@@ -218,8 +218,11 @@ def official_like(ours, **kwargs):
         with torch.device("meta"):
             theirs = lpips.LPIPS(pnet_rand=True, verbose=False, **kwargs)
     own = theirs.state_dict()
+    # contiguous, as a constructed module's tensors are: ours may hold channels_last weights,
+    # with which the convolutions' outputs (and so dropout's masks) would be laid out otherwise
     state = {k: v.detach().to(device="cpu", dtype=own[k].dtype if k in own else v.dtype,
-                              copy=True) for k, v in ours.state_dict().items()}
+                              memory_format=torch.contiguous_format, copy=True)
+             for k, v in ours.state_dict().items()}
     theirs.load_state_dict(state, strict=True, assign=True)
     return theirs.eval()
 
