@@ -112,7 +112,7 @@ def cli_many(*calls, env: dict | None = None) -> list[Ran]:
     return outs
 
 
-def spawn(*args, env: dict | None = None, timeout=300) -> subprocess.Popen:
+def spawn(*args, env: dict | None = None) -> subprocess.Popen:
     """`python -m lpips_fast ARGS` as a real process (for what only a process shows: exit on
     a closed pipe, locks held by another process, the interpreter's own exit)."""
     return subprocess.Popen([sys.executable, "-m", "lpips_fast", *map(str, args)],
