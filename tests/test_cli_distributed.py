@@ -1,21 +1,24 @@
 """`dirs`, `allpairs` and `video` under torchrun: two gloo ranks on loopback write the file of one
 plain process, byte for byte; a failed rank stops the run with one line naming it.
 
-Both runs use OMP_NUM_THREADS=1 (torchrun's default for its workers; set explicitly for the
-plain run): byte identity needs the same thread count in every process, because the CPU
-kernels' float sums are split by thread. The plain `python -m lpips_fast ...` run is the
-single-process reference: it goes through the same `run_sharded` code with a world of one and
-chunks that do not depend on the number of ranks (torchrun --nproc_per_node 1 is the same
-code path: a launch of one process is not a distributed one).
+Both runs use one thread (torchrun's default for its workers, OMP_NUM_THREADS=1; the plain
+run sets it in the test's process): byte identity needs the same thread count in every
+process, because the CPU kernels' float sums are split by thread. The plain run
+(lpips_fast.cli.main in the test's process) is the single-process reference: it goes through
+the same `run_sharded` code with a world of one and chunks that do not depend on the number
+of ranks (torchrun --nproc_per_node 1 is the same code path: a launch of one process is not a
+distributed one).
 """
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from helpers import cli, free_port
 
 
 def env():
@@ -26,15 +29,14 @@ def env():
     return e
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plain(*args):
-    return subprocess.Popen([sys.executable, "-m", "lpips_fast", *map(str, args)], env=env(),
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """The single-process reference run: in this process, on one thread like each rank."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def two_ranks(*args, extra_env=None):
@@ -99,7 +101,6 @@ def test_two_ranks_write_the_single_process_csv(data):
         "video": ("video", data / "ref.mp4", data / "dist.mp4", "--batch-size", "2"),
     }
     singles = {k: plain(*job, "-o", data / f"{k}1.csv", "-q") for k, job in jobs.items()}
-    singles = {k: done(p) for k, p in singles.items()}
     for name, job in jobs.items():
         one = singles[name]
         assert one.returncode == (1 if name == "allpairs" else 0), one.stderr
@@ -118,7 +119,7 @@ def test_two_ranks_write_the_single_process_csv(data):
 def test_a_failed_rank_is_named_rows_stay_and_resume_finishes(data):
     job = ("allpairs", data / "pool", "--batch-size", "2", "--workers", "0", "-q")
     full = data / "full.csv"
-    one = done(plain(*job, "-o", full))
+    one = plain(*job, "-o", full)
     assert one.returncode == 1, one.stderr  # the pairs of wide.png fail
     part = data / "part.csv"
     # rank 1 raises on its second chunk (row block 3: p6, p7): row blocks 0, 1, 2 are written

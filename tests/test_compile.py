@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import IMPLS, randomize_lins
+from helpers import IMPLS, randomize_lins
 
 
 def setup(impl, spatial=False, seed=0):

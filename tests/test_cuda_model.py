@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import official_like, randomize_lins
-from test_parity import assert_close, make_pair
+from helpers import official_like, randomize_lins
+from helpers import assert_close, make_pair
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")

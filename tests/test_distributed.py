@@ -6,7 +6,6 @@ computes row blocks 0 and 2 and rank 1 blocks 1 and 3. Both runs use one thread 
 (as torchrun sets by default), so every block is the same computation in both.
 """
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from helpers import free_port
 from lpips_fast.distributed import ShardError, run_sharded, shard
 
 WORKER = textwrap.dedent("""
@@ -45,12 +45,6 @@ WORKER = textwrap.dedent("""
     finally:
         distributed.teardown(ctx)
 """)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(tmp_path, nproc, mode, out):

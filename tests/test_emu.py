@@ -22,7 +22,7 @@ import itertools
 import pytest
 import torch
 
-from emu import emu_error, emu_ops
+from helpers import ops
 from lpips_fast import _ops
 from lpips_fast import reference as R
 
@@ -40,8 +40,7 @@ def nan_fill(monkeypatch):
 
 @pytest.fixture
 def emu():
-    assert emu_ops is not None, f"the CUDA emulation did not build: {emu_error}"
-    return emu_ops
+    return ops("emu")
 
 
 def feature(shape, dtype, layout, seed):

@@ -25,7 +25,7 @@ import torch
 
 import lpips_fast
 import lpips_fast.model
-from conftest import fused_available, randomize_lins, real_weights_available
+from helpers import fused_available, randomize_lins, real_weights_available
 from lpips_fast.backbones import feature_sizes
 
 RTOL = 1e-5

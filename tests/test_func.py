@@ -16,8 +16,7 @@ from torch.utils._pytree import tree_leaves
 import lpips_fast
 import lpips_fast._ops
 from lpips_fast import reference as R
-from conftest import fused_available, randomize_lins
-from test_kernels import DEVICES, feats, make_weight, ops, tdev
+from helpers import DEVICES, feats, fused_available, make_weight, ops, randomize_lins, tdev
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="lpips_fast extension not built")
 # DEVICES: "cpu", "emu" (the CUDA kernels' source, run on the CPU by tests/emu.py) and "cuda"

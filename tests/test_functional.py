@@ -1,8 +1,5 @@
 """The functional `lpips_fast.lpips`: reductions, and image files scored as the CLI scores them."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +8,7 @@ import torch
 from PIL import Image
 
 import lpips_fast
+from helpers import cli
 from lpips_fast.io import ImageError
 
 
@@ -76,20 +74,15 @@ def image(path, seed, size):
 
 
 def cli_pairs(*calls):
-    """`lpips-fast pair ... --json --device cpu` for each call, at once; their values."""
-    env = dict(os.environ)
-    procs = [subprocess.Popen([sys.executable, "-m", "lpips_fast", "pair", *map(str, c), "--json",
-                               "--device", "cpu"], text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env) for c in calls]
+    """`lpips-fast pair ... --json --device cpu` for each call; their values."""
     values = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        values.append(json.loads(out)["lpips"])
+    for c in calls:
+        out = cli("pair", *c, "--json", "--device", "cpu")
+        assert out.returncode == 0, out.stderr
+        values.append(json.loads(out.stdout)["lpips"])
     return values
 
 
-@pytest.mark.slow  # three CLI processes
 def test_paths_score_as_the_cli_does(tmp_path):
     a = image(tmp_path / "a.png", 0, (64, 64))
     b = image(tmp_path / "b.jpg", 1, (64, 64))
@@ -97,8 +90,8 @@ def test_paths_score_as_the_cli_does(tmp_path):
     same, first, smaller = cli_pairs(
         (a, b), (c, a, "--resize", "to-first"),
         (a, c, "--resize", "to-smaller", "--resample", "bilinear"))
-    # the same loader, resampling and float32 forward in another process: equal to float32
-    # rounding (the thread count of a reduction may differ)
+    # the same loader, resampling and float32 forward through the command line: equal to
+    # float32 rounding (the command's model is another module; a reduction's order may differ)
     approx = dict(rel=1e-6, abs=1e-7)
     assert lpips_fast.lpips(str(a), Path(b)).item() == pytest.approx(same, **approx)
     assert lpips_fast.lpips(c, a, resize="to-first").item() == pytest.approx(first, **approx)

@@ -1,7 +1,8 @@
 """The batch-job pipeline (lpips_fast.jobs) as a hostile user meets it: outputs that are inputs,
 files that are not our CSV, file names no CSV likes, interrupted and resumed runs, closed pipes,
-unwritable folders, devices that are not there. CLI tests run the real command in a temporary
-folder and compare the files' bytes before and after."""
+unwritable folders, devices that are not there. CLI tests run the command (in this process:
+helpers.cli; as a real process where only one shows it: a closed pipe, a lock held by another
+process) in a temporary folder and compare the files' bytes before and after."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ import pytest
 
 from lpips_fast import jobs
 from lpips_fast.folders import UsageError, list_images
-from test_cli import image, one_line_error, run, run_many
+from helpers import cli, cli_many, finish, image, one_line_error, spawn, write_video
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_untouched(tmp_p
          "no such directory"),
         (("demo", "--save", d0 / "a.png"), "is a file"),
     ]
-    outs = run_many(*[(*args, "--device", "cpu") for args, _ in cases])
+    outs = cli_many(*[(*args, "--device", "cpu") for args, _ in cases])
     for (args, needle), out in zip(cases, outs):
         one_line_error(out, 2, needle)
     assert snapshot(tmp_path) == before  # nothing written, nothing changed
@@ -72,7 +73,7 @@ def test_an_existing_file_lpips_fast_did_not_write_is_not_overwritten(tmp_path):
     notes.write_text("my notes\n")
     config.write_text('{"lr": 0.1}\n')
     common = ("-q", "--workers", "0", "--device", "cpu")
-    refused_csv, refused_summary, rerun = run_many(
+    refused_csv, refused_summary, rerun = cli_many(
         ("dirs", d0, d1, "-o", notes, *common),
         ("allpairs", d0, "-o", tmp_path / "o.csv", "--summary", config, *common),
         ("allpairs", d1, "-o", tmp_path / "again.csv", *common))
@@ -81,7 +82,7 @@ def test_an_existing_file_lpips_fast_did_not_write_is_not_overwritten(tmp_path):
     assert notes.read_text() == "my notes\n" and config.read_text() == '{"lr": 0.1}\n'
     assert not (tmp_path / "notes.summary.json").exists() and not (tmp_path / "o.csv").exists()
     assert rerun.returncode == 0, rerun.stderr
-    again = run("dirs", d0, d1, "-o", tmp_path / "again.csv", *common)  # an earlier run's files
+    again = cli("dirs", d0, d1, "-o", tmp_path / "again.csv", *common)  # an earlier run's files
     assert again.returncode == 0, again.stderr                          # are replaced
 
 
@@ -91,7 +92,7 @@ def test_the_summary_s_temporary_file_is_a_new_name(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, ["a.png"], sizes=((64, 64),))
     users = tmp_path / "o.summary.json.tmp"
     users.write_text("a user's file\n")
-    done = run("dirs", d0, d1, "-o", tmp_path / "o.csv", "-q", "--workers", "0",
+    done = cli("dirs", d0, d1, "-o", tmp_path / "o.csv", "-q", "--workers", "0",
                "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert users.read_text() == "a user's file\n"
@@ -104,12 +105,11 @@ def test_the_summary_s_temporary_file_is_a_new_name(tmp_path):
 
 def test_video_output_that_is_an_input_is_refused(tmp_path):
     pytest.importorskip("av")
-    from test_cli import write_video
     import numpy as np
     frames = [np.full((32, 32, 3), 10 * t, np.uint8) for t in range(3)]
     write_video(tmp_path / "ref.mp4", frames)
     before = snapshot(tmp_path)
-    out = run("video", tmp_path / "ref.mp4", tmp_path / "ref.mp4", "-o", tmp_path / "ref.mp4")
+    out = cli("video", tmp_path / "ref.mp4", tmp_path / "ref.mp4", "-o", tmp_path / "ref.mp4")
     one_line_error(out, 2, "is an input of this run")
     assert snapshot(tmp_path) == before
 
@@ -134,7 +134,7 @@ def test_resume_refuses_a_file_that_is_not_its_csv_and_leaves_it_untouched(tmp_p
         path = tmp_path / f"bad{k}.csv"
         path.write_bytes(data)
         calls.append(("dirs", d0, d1, "-o", path, "--resume", "--summary", "-", "-q"))
-    for (what, data), out, call in zip(NOT_OUR_CSV.items(), run_many(*calls), calls):
+    for (what, data), out, call in zip(NOT_OUR_CSV.items(), cli_many(*calls), calls):
         one_line_error(out, 2, "cannot resume", "the file is unchanged")
         assert call[4].read_bytes() == data, what
 
@@ -163,11 +163,14 @@ def test_a_file_another_run_is_writing_is_refused_untouched(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, ["a.png", "b.png"], sizes=((64, 64),))
     common = ("dirs", d0, d1, "-q", "--workers", "0", "--device", "cpu")
     out = tmp_path / "o.csv"
-    assert run(*common, "-o", out).returncode == 0
+    assert cli(*common, "-o", out).returncode == 0
     before = snapshot(tmp_path)
     with open(out, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        outs = run_many((*common, "-o", out), (*common, "-o", out, "--resume"))
+        # another process (the lock is the kernel's, across processes), and this one (flock
+        # locks belong to an open file, so a second open in one process is refused too)
+        other = spawn(*common, "-o", out, "--resume")
+        outs = [cli(*common, "-o", out), finish(other)]
     for o in outs:
         one_line_error(o, 2, "o.csv: another lpips-fast run is writing this file")
     assert snapshot(tmp_path) == before
@@ -197,17 +200,16 @@ def test_odd_file_names_round_trip_through_the_csv_and_resume(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, ODD_NAMES)
     full, part = tmp_path / "full.csv", tmp_path / "part.csv"
     common = ("dirs", d0, d1, "--batch-size", "2", "--workers", "0", "-q", "--device", "cpu")
-    whole, stopped = run_many((*common, "-o", full), (*common, "-o", part,
+    whole, stopped = cli_many((*common, "-o", full), (*common, "-o", part,
                                                       {"LPIPS_FAST_STOP_AFTER": "3"}))
     assert whole.returncode == 0 and stopped.returncode == 130, (whole.stderr, stopped.stderr)
     assert sorted(csv_names(full)) == sorted(os.listdir(d0))  # the very names, bytes and all
-    resumed = run(*common, "-o", part, "--resume")
+    resumed = cli(*common, "-o", part, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert part.read_bytes() == full.read_bytes()
-    stdout = subprocess.run([sys.executable, "-m", "lpips_fast", *map(str, common)],
-                            capture_output=True, timeout=300)
-    assert stdout.returncode == 0 and stdout.stdout == full.read_bytes()  # CSV on stdout too
-    pairs = run("allpairs", d0, "-o", tmp_path / "all.csv", "-q", "--device", "cpu")
+    stdout = cli(*common)
+    assert stdout.returncode == 0 and stdout.stdout_bytes == full.read_bytes()  # CSV on stdout too
+    pairs = cli("allpairs", d0, "-o", tmp_path / "all.csv", "-q", "--device", "cpu")
     assert pairs.returncode == 1  # the pairs of images of two sizes fail; names still intact
     assert set(csv_names(tmp_path / "all.csv")) <= set(os.listdir(d0))
 
@@ -223,12 +225,12 @@ def test_resumed_runs_give_the_same_bytes_with_images_of_several_sizes(tmp_path,
     common = (*job, *resize, "--batch-size", "2", "--workers", "0", "-q", "--device", "cpu")
     full = tmp_path / "full.csv"
     stops = [1, 3, 5]
-    outs = run_many((*common, "-o", full),
+    outs = cli_many((*common, "-o", full),
                     *[(*common, "-o", tmp_path / f"p{n}.csv", {"LPIPS_FAST_STOP_AFTER": str(n)})
                       for n in stops])
     assert outs[0].returncode == 0, outs[0].stderr
     assert all(o.returncode == 130 for o in outs[1:]), [o.stderr for o in outs]
-    resumed = run_many(*[(*common, "-o", tmp_path / f"p{n}.csv", "--resume") for n in stops])
+    resumed = cli_many(*[(*common, "-o", tmp_path / f"p{n}.csv", "--resume") for n in stops])
     for n, out in zip(stops, resumed):
         assert out.returncode == 0, out.stderr
         assert (tmp_path / f"p{n}.csv").read_bytes() == full.read_bytes(), n
@@ -238,24 +240,23 @@ def test_resume_checks_the_first_runs_options_or_refuses(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(4)])
     common = ("dirs", d0, d1, "--batch-size", "1", "--workers", "0", "-q", "--device", "cpu")
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
-    stopped = run_many((*common, "-o", a, "--summary", "-", {"LPIPS_FAST_STOP_AFTER": "2"}),
+    stopped = cli_many((*common, "-o", a, "--summary", "-", {"LPIPS_FAST_STOP_AFTER": "2"}),
                        (*common, "-o", b, {"LPIPS_FAST_STOP_AFTER": "2"}))
     assert [o.returncode for o in stopped] == [130, 130]
     kept_a, kept_b = a.read_bytes(), b.read_bytes()
     (tmp_path / "b.summary.json").rename(tmp_path / "moved.json")
-    no_record_a, no_record_b = run_many((*common, "-o", a, "--resume"),
+    no_record_a, no_record_b = cli_many((*common, "-o", a, "--resume"),
                                         (*common, "-o", b, "--resume"))
     one_line_error(no_record_a, 2, "a.summary.json is missing", "options of its first run")
     one_line_error(no_record_b, 2, "b.summary.json is missing")
-    # one after the other: both lock b.csv before they check it (at once, one may meet the lock)
-    other = run(*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json",
+    other = cli(*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json",
                 "--resample", "bilinear")
-    same = run(*common, "-o", b, "--resume", "--match", "stem",
+    same = cli(*common, "-o", b, "--resume", "--match", "stem",
                "--summary", tmp_path / "moved.json")
     one_line_error(other, 2, "started with --resample bicubic (now bilinear)")
     one_line_error(same, 2, "cannot resume")  # another header: name0,name1,lpips
     assert a.read_bytes() == kept_a and b.read_bytes() == kept_b
-    ok = run(*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json")
+    ok = cli(*common, "-o", b, "--resume", "--summary", tmp_path / "moved.json")
     assert ok.returncode == 0 and "2 of 4 pairs already" in ok.stderr
 
 
@@ -270,11 +271,11 @@ def test_resume_refuses_rows_scored_against_other_inputs(tmp_path):
     common = ("--batch-size", "1", "--workers", "0", "-q", "--device", "cpu")
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     stop = {"LPIPS_FAST_STOP_AFTER": "2"}
-    stopped = run_many(("dirs", d0, d1, "-o", a, *common, stop),
+    stopped = cli_many(("dirs", d0, d1, "-o", a, *common, stop),
                        ("allpairs", d1, "-o", b, *common, stop))
     assert [o.returncode for o in stopped] == [130, 130], [o.stderr for o in stopped]
     kept_a, kept_b = a.read_bytes(), b.read_bytes()
-    dirs, pairs = run_many(("dirs", d0, other, "-o", a, "--resume", *common),
+    dirs, pairs = cli_many(("dirs", d0, other, "-o", a, "--resume", *common),
                            ("allpairs", other, "-o", b, "--resume", *common))
     one_line_error(dirs, 2, f"started with dir1 {d1.resolve()} (now {other.resolve()})")
     one_line_error(pairs, 2, f"started with dir {d1.resolve()} (now {other.resolve()})")
@@ -287,7 +288,7 @@ def test_resume_refuses_repeated_rows_and_rows_of_no_item(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(3)], sizes=((64, 64),))
     common = ("dirs", d0, d1, "--workers", "0", "-q", "--device", "cpu")
     full = tmp_path / "full.csv"
-    assert run(*common, "-o", full).returncode == 0
+    assert cli(*common, "-o", full).returncode == 0
     lines = full.read_text().splitlines(keepends=True)
     edits = {"twice": "".join(lines + lines[1:2]),
              "foreign": "".join(lines[:1] + ["zzz.png,1.5\n"] + lines[1:3])}
@@ -296,7 +297,7 @@ def test_resume_refuses_repeated_rows_and_rows_of_no_item(tmp_path):
         (tmp_path / f"{what}.csv").write_text(text)
         shutil.copy(tmp_path / "full.summary.json", tmp_path / f"{what}.summary.json")
         calls.append((*common, "-o", tmp_path / f"{what}.csv", "--resume"))
-    twice, foreign = run_many(*calls)
+    twice, foreign = cli_many(*calls)
     one_line_error(twice, 2, "cannot resume: row 5 repeats row 2 (im0.png)", "unchanged")
     one_line_error(foreign, 2, "cannot resume: row 2 is not a pair of this run", "unchanged")
     for what, text in edits.items():
@@ -343,7 +344,7 @@ def test_unwritable_outputs_bad_devices_and_missing_weights_are_one_line(tmp_pat
             ((*common, "-o", out_csv, "--net", "squeeze", "--device", "cpu",
               {"LPIPS_FAST_HOME": str(tmp_path / "empty_home")}), "squeeze"),
         ]
-        outs = run_many(*[args for args, _ in cases])
+        outs = cli_many(*[args for args, _ in cases])
     for (args, needle), out in zip(cases, outs):
         one_line_error(out, 2, needle)
         assert "rank" not in out.stderr
@@ -365,8 +366,8 @@ def test_a_closed_pipe_stops_quietly_with_its_exit_code(tmp_path):
 
 def test_a_failure_in_one_process_does_not_speak_of_ranks(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(4)], sizes=((64, 64),))
-    out = run("dirs", d0, d1, "-o", tmp_path / "o.csv", "--batch-size", "1", "--workers", "0",
-              "-q", "--device", "cpu", env_extra={"LPIPS_FAST_FAIL_RANK": "0"})
+    out = cli("dirs", d0, d1, "-o", tmp_path / "o.csv", "--batch-size", "1", "--workers", "0",
+              "-q", "--device", "cpu", env={"LPIPS_FAST_FAIL_RANK": "0"})
     one_line_error(out, 1, "scoring pair im1.png failed: RuntimeError: injected failure",
                    "the 1 new rows written to")
     assert "rank" not in out.stderr
@@ -384,7 +385,7 @@ def test_linked_folders_are_listed_as_skipped(tmp_path):
     (root / "again").symlink_to(root / "sub", target_is_directory=True)
     names, ignored, skipped = list_images(root, recursive=True)
     assert names == ["a.png", "sub/b.png", "sub/c.png"] and skipped == ["again/", "loop/"]
-    out = run("allpairs", root, "-r", "-o", tmp_path / "o.csv", "-q", "--device", "cpu")
+    out = cli("allpairs", root, "-r", "-o", tmp_path / "o.csv", "-q", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert "skipped 2 linked folders" in out.stderr and "again/, loop/" in out.stderr
     record = json.loads((tmp_path / "o.summary.json").read_text())
@@ -395,9 +396,9 @@ def test_linked_folders_are_listed_as_skipped(tmp_path):
 
 def test_the_pipeline_from_python_writes_what_the_cli_writes(tmp_path):
     d0, d1 = folders_with_sizes(tmp_path, [f"im{k}.png" for k in range(5)])
-    cli = run("dirs", d0, d1, "-o", tmp_path / "cli.csv", "--batch-size", "2", "--workers", "0",
-              "-q", "--device", "cpu")
-    assert cli.returncode == 0, cli.stderr
+    by_cli = cli("dirs", d0, d1, "-o", tmp_path / "cli.csv", "--batch-size", "2",
+                 "--workers", "0", "-q", "--device", "cpu")
+    assert by_cli.returncode == 0, by_cli.stderr
     notes = []
     outcome = jobs.run(jobs.DirsJob(d0, d1), jobs.Settings(
         output=tmp_path / "py.csv", batch_size=2, device="cpu"), note=notes.append)

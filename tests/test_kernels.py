@@ -22,29 +22,10 @@ import torch
 
 from lpips_fast import _ops
 from lpips_fast import reference as R
-from emu import emu_error, emu_ops
+from helpers import DEVICES, HAS_CUDA, feats, make_weight, ops, tdev
 
-HAS_CUDA = torch.cuda.is_available()
 needs_ext = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
 pytestmark = needs_ext
-
-# "emu": the CUDA kernels and their host code, executed on the CPU by csrc/emu (tests/emu.py),
-# on CPU tensors; it runs everywhere, CI included.
-DEVICES = ["cpu", "emu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA device")])]
-
-
-def tdev(device):
-    """Where a test's tensors live: the emulation runs on CPU tensors."""
-    return "cpu" if device == "emu" else device
-
-
-def ops(device):
-    """The op wrappers under test on `device`."""
-    if device != "emu":
-        return _ops
-    assert emu_ops is not None, f"the CUDA emulation did not build: {emu_error}"
-    return emu_ops
 
 
 @pytest.fixture(autouse=True)
@@ -61,20 +42,6 @@ def test_extension_loaded():
 
 
 # ------------------------------------------------------------------------------- helpers
-def feats(shape, dtype=torch.float32, device="cpu", layout="nchw", seed=0, gen_shape=None):
-    """ReLU'ed randn (some exact zeros, like real features), made in float64 then cast."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(gen_shape or shape, generator=g, dtype=torch.float64).relu()
-    x = x.to(dtype=dtype, device=tdev(device))
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "transposed":  # spatial dims not mergeable: exercises the copy fallback
-        x = x.transpose(2, 3).contiguous().transpose(2, 3)
-    if gen_shape is not None:
-        x = x.expand(shape)
-    return x
-
-
 def make_pair(shape, dtype, device, layout, seed=0):
     """(f0, f1, user-facing shapes); layout 'expand0'/'expand1' gives that input batch 1."""
     one = (1,) + tuple(shape[1:])
@@ -84,11 +51,6 @@ def make_pair(shape, dtype, device, layout, seed=0):
     if layout.startswith("expand1"):
         return feats(shape, dtype, device, base, seed), feats(one, dtype, device, base, seed + 1)
     return feats(shape, dtype, device, layout, seed), feats(shape, dtype, device, layout, seed + 1)
-
-
-def make_weight(c, device, dtype=torch.float32, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(1, c, 1, 1, generator=g, dtype=torch.float64).to(dtype=dtype, device=tdev(device))
 
 
 def ref64(f0, f1, w, return_map=True):

@@ -1,7 +1,6 @@
 """`lpips_fast.LPIPSMetric`: accumulation over batches, errors, devices, and two gloo ranks."""
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import IMPLS, official_like, randomize_lins
+from helpers import IMPLS, free_port, official_like, randomize_lins
 
 
 def random_model(impl="reference", **kwargs):
@@ -237,12 +236,6 @@ WORKER = textwrap.dedent("""
     torch.save(result, f"{out}.{ctx.rank}.pt")
     distributed.teardown(ctx)
 """)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(tmp_path, nproc, out):

@@ -8,7 +8,7 @@ import torch
 
 import lpips_fast
 from lpips_fast import model as model_mod
-from conftest import official_like, randomize_lins
+from helpers import official_like, randomize_lins
 
 
 def rand_images(n, h=64, w=64, seed=0):

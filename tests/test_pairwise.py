@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import REAL_PAIRS, randomize_lins, real_weights_available
+from helpers import REAL_PAIRS, randomize_lins, real_weights_available
 from lpips_fast.embed import Embedding, distance, embedding_distance, embed
 from lpips_fast.pairwise import diversity, pairwise, pairwise_rows
 

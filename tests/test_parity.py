@@ -12,16 +12,9 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import IMPLS, official_like, randomize_lins
+from helpers import IMPLS, assert_close, make_pair, official_like, randomize_lins
 
 NETS = ["alex", "vgg", "squeeze"]
-
-
-def make_pair(n0, n1, h, w, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(n0, 3, h, w, generator=gen) * 2 - 1
-    x1 = torch.rand(n1, 3, h, w, generator=gen) * 2 - 1
-    return x0, x1
 
 
 def build(net, impl, seed=0, **kwargs):
@@ -31,14 +24,6 @@ def build(net, impl, seed=0, **kwargs):
     ctor = {k: v for k, v in kwargs.items() if k in ("version", "lpips", "spatial", "use_dropout")}
     # (channels_last and the other lpips_fast-only arguments stay on our side)
     return ours, official_like(ours, net=net, **ctor)
-
-
-def assert_close(ours, theirs, rtol=1e-5):
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
-    scale = theirs.abs().max().item()
-    assert scale > 0, "degenerate test: the oracle's result is all zero"
-    err = (ours - theirs).abs().max().item()
-    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} * {scale:.3g}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -129,7 +114,7 @@ def test_float32_input_gradient_is_as_accurate_as_the_officials(net, seed):
     be no worse than the official float32 gradient, with a 2x factor for where the roundings
     fall and 1e-5 for the sums' order; the same effect is why the package comparison's vgg
     gradient column shows ~1e-3."""
-    from conftest import real_weights_available
+    from helpers import real_weights_available
     if not real_weights_available(net):
         pytest.skip(f"no real {net} weights")
     ours = lpips_fast.LPIPS(net=net, verbose=False)

