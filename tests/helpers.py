@@ -304,3 +304,15 @@ def make_weight(c, device, dtype=torch.float32, seed=7):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(1, c, 1, 1, generator=g, dtype=torch.float64).to(dtype=dtype,
                                                                          device=tdev(device))
+
+
+def make_dirs(root, n=6, size=(64, 64)):
+    """ref/ and dist/ (each with an empty sub/): n images im<i>.png and noisy copies."""
+    from PIL import Image
+    d0, d1 = root / "ref", root / "dist"
+    for d in (d0 / "sub", d1 / "sub"):
+        d.mkdir(parents=True)
+    for i in range(n):
+        a = image(d0 / f"im{i}.png", i, size)
+        Image.fromarray(noisy(a, 100 + i)).save(d1 / f"im{i}.png")
+    return d0, d1

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import lpips_fast
 from lpips_fast import _conv_ops, _ops
 from lpips_fast.backbones import BACKBONE_ENV
-from conftest import randomize_lins
+from helpers import randomize_lins
 from emu import emu_error, emu_ops  # noqa: F401  (builds and registers lpips_fast_emu)
 
 HAS_CUDA = torch.cuda.is_available()

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import cli, cli_many, image, load, noisy, one_line_error, read_csv, write_video
+from helpers import (cli, cli_many, image, load, make_dirs, noisy, one_line_error, read_csv,
+                     write_video)
 
 
 def test_demo_scores_the_builtin_example_with_real_weights(tmp_path):
@@ -143,16 +144,6 @@ def test_pair_bad_inputs_are_one_line_errors(tmp_path):
 
 
 # --- dirs --------------------------------------------------------------------------------------
-
-def make_dirs(root, n=6, size=(64, 64)):
-    d0, d1 = root / "ref", root / "dist"
-    for d in (d0 / "sub", d1 / "sub"):
-        d.mkdir(parents=True)
-    for i in range(n):
-        a = image(d0 / f"im{i}.png", i, size)
-        Image.fromarray(noisy(a, 100 + i)).save(d1 / f"im{i}.png")
-    return d0, d1
-
 
 def test_dirs_matches_the_api_lists_unmatched_and_summarizes(tmp_path, api):
     d0, d1 = make_dirs(tmp_path, n=4)

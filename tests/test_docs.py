@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import image, make_dirs, noisy, write_video
+from helpers import image, make_dirs, noisy, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
