@@ -4,8 +4,8 @@
 convolution_backward), forward and forward+backward (input gradient only, frozen weights).
 
 Each layer runs at the shapes the benchmark cases give it (a pair in one pass: batch 2N).
-The two implementations alternate call by call (interleaved, so clock and thermal drift hit
-both alike); medians of the repeats, CUDA events on a GPU. On the CPU it runs tiny cases
+The variants run round by round in a shuffled order (common.interleaved_times, so clock and
+thermal drift hit all alike); medians of the rounds, CUDA events on a GPU. On the CPU it runs tiny cases
 only to check that it works: CPU timings say nothing about the GPU's epilogue passes.
 
     python benchmarks/bench_backbone.py                      # CPU, tiny
@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lpips_fast import _conv_ops, _ops  # noqa: E402
 from lpips_fast.backbones import NETS  # noqa: E402
-from common import device_name, warm_gpu  # noqa: E402
+from common import device_name, interleaved_times, warm_gpu  # noqa: E402
 
 # (net, N pairs, size, backward): bench.py's GPU cases for alex and vgg (squeeze's 1x1/3x3
 # fire convs are covered by the model-level count), tiny ones on the CPU.
@@ -51,19 +50,6 @@ def conv_layers(net, size):
     return out
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
     """Median seconds {(impl, 'fwd'|'fwdbwd'): s} for one conv layer."""
     _, cin, cout, k, st, p, s = layer
@@ -80,24 +66,18 @@ def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
     xg = x.detach().requires_grad_(True)
     runs = {}
     for impl, f in impls.items():
-        runs[(impl, "fwd")] = lambda f=f: f(x)
+        def fwd(f=f):
+            with torch.no_grad():
+                f(x)
+        runs[(impl, "fwd")] = fwd
         if backward:
             def fb(f=f):
                 out = f(xg)
-                (gx,) = torch.autograd.grad(out, xg, torch.ones_like(out))
+                torch.autograd.grad(out, xg, torch.ones_like(out))
             runs[(impl, "fwdbwd")] = fb
-    with torch.no_grad():
-        for key, fn in runs.items():  # warm-up (cuDNN algorithm choice, allocator)
-            if key[1] == "fwd":
-                fn()
-    for key, fn in runs.items():
-        if key[1] == "fwdbwd":
-            fn()
-    times = {key: [] for key in runs}
-    for _ in range(reps):
-        for key, fn in runs.items():  # interleaved: eager, fused, eager, fused, ...
-            with torch.set_grad_enabled(key[1] == "fwdbwd"):
-                times[key].append(timed(fn, device))
+    # the project's one timing loop: warm-up (cuDNN's algorithm choice, the allocator), then
+    # rounds running every variant once in a shuffled order
+    times = interleaved_times(runs, device, warmup=1, rounds=reps)
     return {key: statistics.median(t) for key, t in times.items()}
 
 
