@@ -213,6 +213,42 @@ def cmd_video(args) -> int:
     return _run_job(args, jobs.VideoJob(args.ref, args.dist))
 
 
+# --- bench ------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    """The packaged benchmarks (lpips_fast.bench): `model`, `kernels`, or both (the default)
+    with the options both take (--device, --quick, --out DIR)."""
+    from lpips_fast import _ops
+    from lpips_fast.bench import kernels, model
+    rest = list(args.args)
+    if args.which == "model":
+        model.main(rest)
+    elif args.which == "kernels":
+        kernels.main(rest)
+    else:
+        opts = build_bench_all_parser().parse_args(rest)
+        common = ["--device", opts.device] if opts.device else []
+        common += ["--quick"] if opts.quick else []
+        stem = model.main([*common, "--out", str(opts.out)])
+        if not _ops.available():
+            _err(f"kernels: not run, the compiled extension is not available ({_ops.load_error})")
+            return 1
+        kernels.main([*common, "--out", f"{stem}-kernels.md"])
+        print(f"wrote {stem}-kernels.md")
+    return 0
+
+
+def build_bench_all_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lpips-fast bench",
+                                description="both benchmarks, model then kernels")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, no sweep")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="folder of the results (default ./bench-results)")
+    return p
+
+
 # --- demo -------------------------------------------------------------------------------------
 
 def _bar(value: float, vmax: float, width: int = 30) -> str:
@@ -431,6 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch_args(v, folders=False)
     v.set_defaults(func=cmd_video)
 
+    b = sub.add_parser(
+        "bench", help="time lpips_fast (and the official lpips, when installed) on this machine",
+        description="Benchmarks shipped in the package. `lpips-fast bench model ...`: "
+                    "lpips_fast against the official lpips (when installed; else lpips_fast "
+                    "only), eager and compiled (lpips-fast bench model --help); `lpips-fast "
+                    "bench kernels ...`: the fused head against the reference head. Without a "
+                    "kind: both, with --device, --quick and --out DIR (default ./bench-results).")
+    b.add_argument("which", nargs="?", choices=["model", "kernels", "all"], default="all")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
+    b.set_defaults(func=cmd_bench)
+
     w = sub.add_parser("weights", help="show and import backbone weights into the cache")
     w.add_argument("--net", choices=NETS)
     w.add_argument("--from", dest="from_file", metavar="FILE",
@@ -444,6 +491,10 @@ _REAL_STDERR = sys.stderr
 
 def main(argv=None) -> int:
     global _REAL_STDERR
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and (argv[1:2] + ["-"])[0].startswith("-") and not {
+            "-h", "--help"} & set(argv[1:]):
+        argv.insert(1, "all")  # `lpips-fast bench --quick`: both benchmarks (the kind is optional)
     args = build_parser().parse_args(argv)
     if getattr(args, "from_file", None) and not args.net:
         _err("error: --from needs --net")

@@ -185,3 +185,44 @@ def test_a_map_folder_that_is_a_file_is_refused(folders, capsys):
     (folders / "maps").write_text("x")
     assert dirs(folders, "--spatial-map", str(folders / "maps")) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+# --- lpips-fast bench: the packaged benchmarks ---------------------------------------------------
+
+def test_bench_model_runs_from_the_package(tmp_path, capsys, monkeypatch):
+    from lpips_fast.bench import model
+    for official in (True, False):
+        monkeypatch.setattr(model, "official_available", lambda official=official: official)
+        out = tmp_path / str(official)
+        assert main(["bench", "model", "--device", "cpu", "--quick", "--no-compile",
+                     "--cases", "alex:1:64:fwd", "--repeats", "1", "--min-time", "0",
+                     "--out", str(out)]) == 0
+        said = capsys.readouterr().out
+        (result,) = out.glob("*.json")
+        rows = json.loads(result.read_text())["cases"][0]["rows"]
+        assert ("official" in rows) is official and "ms" in rows["lpips_fast"]
+        assert ("official lpips package is not installed" in said) is not official
+
+
+def test_bench_without_a_kind_runs_both_into_one_folder(tmp_path, monkeypatch):
+    from lpips_fast import _ops
+    from lpips_fast.bench import kernels, model
+    calls = []
+    monkeypatch.setattr(model, "main", lambda argv: calls.append(("model", argv))
+                        or tmp_path / "r" / "cpu")
+    monkeypatch.setattr(kernels, "main", lambda argv: calls.append(("kernels", argv)))
+    monkeypatch.setattr(_ops, "available", lambda: True)
+    assert main(["bench", "--device", "cpu", "--quick", "--out", str(tmp_path / "r")]) == 0
+    assert calls == [("model", ["--device", "cpu", "--quick", "--out", str(tmp_path / "r")]),
+                     ("kernels", ["--device", "cpu", "--quick",
+                                  "--out", str(tmp_path / "r" / "cpu-kernels.md")])]
+
+
+def test_bench_kernels_runs_from_the_package(tmp_path, capsys):
+    from lpips_fast import _ops
+    if not _ops.available():
+        pytest.skip("extension not built")
+    out = tmp_path / "k.md"
+    assert main(["bench", "kernels", "--device", "cpu", "--quick", "--sizes", "64",
+                 "--nets", "alex", "--out", str(out)]) == 0
+    assert "fused vs reference" in out.read_text() and "fused" in capsys.readouterr().out
