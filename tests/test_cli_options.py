@@ -18,7 +18,7 @@ from lpips_fast.cli import main
 
 SIZE = (240, 200)   # W x H: above alex's tile (112) plus its halo, so tiles really split it
 TILE = 112          # a multiple of alex's stride (16), at least its halo (96)
-BUDGET = "16MiB"    # picks a tile of 112 pixels for 2 pairs (asserted below)
+BUDGET = "20MiB"    # picks a tile below the image size for 2 pairs (asserted below)
 
 
 def save(path, seed, size=SIZE):
@@ -50,17 +50,20 @@ def folders(tmp_path):
     return tmp_path
 
 
-def test_the_budget_used_here_tiles():
-    assert tiling.tile_for_budget("alex", 16 * 2**20, 4, 4) < max(SIZE)
+PAIR_BYTES = 2 * 3 * SIZE[0] * SIZE[1] * 4  # a prepared pair, float32: counted by the budget
+
+
+def test_the_budgets_used_here_tile():
+    assert tiling.tile_for_budget("alex", 20 * 2**20, 4, 4, 2 * PAIR_BYTES) < max(SIZE)
+    assert tiling.tile_for_budget("alex", 8 * 2**20, 4, 2, PAIR_BYTES) < max(SIZE)
 
 
 def test_pair_tiled_equals_untiled(tmp_path, capsys):
     a, b = save(tmp_path / "a.png", 0), save(tmp_path / "b.png", 1)
     values = {}
-    for opts in ([], ["--tile-size", str(TILE)], ["--memory-budget", "7MiB"]):
+    for opts in ([], ["--tile-size", str(TILE)], ["--memory-budget", "8MiB"]):
         assert main(["pair", str(a), str(b), "--json", "--device", "cpu", *opts]) == 0
         values[tuple(opts)] = json.loads(capsys.readouterr().out)["lpips"]
-    assert tiling.tile_for_budget("alex", 7 * 2**20, 4, 2) < max(SIZE)
     untiled = values[()]
     assert untiled > 0
     for v in values.values():
@@ -80,7 +83,7 @@ def test_dirs_tiled_equals_untiled_and_records_the_options(folders, capsys):
         for k in got:
             rel_close(got[k], untiled[k])
     options = json.loads((folders / "budget.summary.json").read_text())["options"]
-    assert options["memory-budget"] == 16 * 2**20 and options["tile-size"] is None
+    assert options["memory-budget"] == 20 * 2**20 and options["tile-size"] is None
 
 
 def test_resume_refuses_other_tiling(folders, capsys):
@@ -91,8 +94,8 @@ def test_resume_refuses_other_tiling(folders, capsys):
     err = capsys.readouterr().err
     assert f"--tile-size {TILE} (now 128)" in err and len(err.strip().splitlines()) == 1
     # the same budget written another way is the same option
-    assert dirs(folders, "--memory-budget", "16MiB", out="b.csv") == 0
-    assert dirs(folders, "--memory-budget", "16384KiB", out="b.csv", *["--resume"]) == 0
+    assert dirs(folders, "--memory-budget", "20MiB", out="b.csv") == 0
+    assert dirs(folders, "--memory-budget", "20480KiB", out="b.csv", *["--resume"]) == 0
     assert (folders / "out.csv").read_bytes() == before
 
 
@@ -226,3 +229,19 @@ def test_bench_kernels_runs_from_the_package(tmp_path, capsys):
     assert main(["bench", "kernels", "--device", "cpu", "--quick", "--sizes", "64",
                  "--nets", "alex", "--out", str(out)]) == 0
     assert "fused vs reference" in out.read_text() and "fused" in capsys.readouterr().out
+
+
+# --- what memory_budget counts ------------------------------------------------------------------
+
+def test_the_budget_counts_the_prepared_images():
+    budget, images = 2**30, 2
+    free = tiling.tile_for_budget("alex", budget, 4, images)
+    held = 2 * 3 * 4096 * 4096 * 4  # a prepared 4096x4096 pair, float32
+    less = tiling.tile_for_budget("alex", budget, 4, images, held)
+    assert less < free
+    # the crop of the chosen tile, with its 1.5x margin, fits in what the images leave
+    crop = less + 2 * tiling.halo("alex")
+    assert 1.5 * tiling.bytes_per_pixel("alex", 4, images) * crop ** 2 <= budget - held
+    with pytest.raises(ValueError, match="prepared images"):
+        tiling.tile_for_budget("alex", held, 4, images, held)
+
