@@ -245,3 +245,17 @@ def test_the_budget_counts_the_prepared_images():
     with pytest.raises(ValueError, match="prepared images"):
         tiling.tile_for_budget("alex", held, 4, images, held)
 
+
+
+def test_the_in_place_scaling_is_the_same_arithmetic():
+    import torch
+    from lpips_fast.model import ScalingLayer
+    layer = ScalingLayer()
+    x = (torch.rand(2, 3, 9, 7) * 2 - 1).requires_grad_(True)
+    got = layer(x)
+    want = (x - layer.shift) / layer.scale
+    assert torch.equal(got, want)
+    g = torch.rand_like(got)
+    (ga,) = torch.autograd.grad(got, x, g)
+    (gb,) = torch.autograd.grad(want, x, g)
+    assert torch.equal(ga, gb)
