@@ -31,7 +31,9 @@ from lpips_fast.errors import NotJoined, Quiet, UsageError
 from lpips_fast.examples import distortions, reference_image
 from lpips_fast.folders import default_workers
 from lpips_fast.heatmap import map_format, save_map
+from lpips_fast.checks import parse_bytes
 from lpips_fast.io import RESAMPLE, RESIZE_POLICIES, load_pair, resize, to_tensor
+from lpips_fast.tiling import tile_for_budget
 from lpips_fast.video import _av
 
 NETS = ["alex", "vgg", "squeeze"]
@@ -45,8 +47,21 @@ def _err(msg: str) -> None:
 
 def _model(args, device, spatial: bool = False):
     settings = jobs.Settings(net=args.net, version=args.version, impl=args.impl,
-                             precision=args.precision)
+                             precision=args.precision, tile_size=getattr(args, "tile_size", None),
+                             memory_budget=getattr(args, "memory_budget", None))
     return jobs.make_model(settings, device, spatial)
+
+
+def _check_budget(args, images: int) -> None:
+    """A --memory-budget too small for one batch of `images` images is said before any work
+    (the model would only find it at its first forward)."""
+    if getattr(args, "memory_budget", None) is None:
+        return
+    element = 4 if args.precision == "fp32" else 2
+    try:
+        tile_for_budget(args.net, args.memory_budget, element, images)
+    except ValueError as e:
+        raise UsageError(f"--memory-budget: {e}") from None
 
 
 def _head_name(model) -> str:
@@ -80,6 +95,7 @@ def cmd_weights(args) -> int:
 
 def cmd_pair(args) -> int:
     dev = resolve_device(args.device)
+    _check_budget(args, 2)
     jobs.check_outputs({"--spatial-map": args.spatial_map}, [args.a, args.b])
     if args.spatial_map:  # an unwritable suffix is said now, not after the scoring
         try:
@@ -114,12 +130,15 @@ def cmd_pair(args) -> int:
 # --- dirs, allpairs, video: the argument layer over lpips_fast.jobs ---------------------------
 
 def _settings(args):
+    _check_budget(args, 2 * args.batch_size)
     return jobs.Settings(
         output=args.output, summary="auto" if args.summary is None else args.summary,
         resume=getattr(args, "resume", False), net=args.net, version=args.version,
         precision=args.precision, impl=args.impl, resize=args.resize, resample=args.resample,
         device=args.device, batch_size=args.batch_size, workers=getattr(args, "workers", 0),
-        progress=False if args.quiet else None)
+        progress=False if args.quiet else None, tile_size=args.tile_size,
+        memory_budget=args.memory_budget, spatial_map=getattr(args, "spatial_map", None),
+        map_format=getattr(args, "map_format", "png"), map_max=getattr(args, "map_max", None))
 
 
 def _run_job(args, job) -> int:
@@ -192,6 +211,42 @@ def cmd_allpairs(args) -> int:
 def cmd_video(args) -> int:
     _av()  # a missing PyAV is said before any other work
     return _run_job(args, jobs.VideoJob(args.ref, args.dist))
+
+
+# --- bench ------------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    """The packaged benchmarks (lpips_fast.bench): `model`, `kernels`, or both (the default)
+    with the options both take (--device, --quick, --out DIR)."""
+    from lpips_fast import _ops
+    from lpips_fast.bench import kernels, model
+    rest = list(args.args)
+    if args.which == "model":
+        model.main(rest)
+    elif args.which == "kernels":
+        kernels.main(rest)
+    else:
+        opts = build_bench_all_parser().parse_args(rest)
+        common = ["--device", opts.device] if opts.device else []
+        common += ["--quick"] if opts.quick else []
+        stem = model.main([*common, "--out", str(opts.out)])
+        if not _ops.available():
+            _err(f"kernels: not run, the compiled extension is not available ({_ops.load_error})")
+            return 1
+        kernels.main([*common, "--out", f"{stem}-kernels.md"])
+        print(f"wrote {stem}-kernels.md")
+    return 0
+
+
+def build_bench_all_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lpips-fast bench",
+                                description="both benchmarks, model then kernels")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, no sweep")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="folder of the results (default ./bench-results)")
+    return p
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -267,6 +322,13 @@ def _positive_float(text):
     return v
 
 
+def _bytes(text):
+    try:
+        return parse_bytes(text, "size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _nonneg(text):
     v = int(text)
     if v < 0:
@@ -290,6 +352,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LPIPS head: fused kernels or the PyTorch reference (default auto)")
         g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="backbone precision (fp32 exact; bf16/fp16 faster on GPUs)")
+
+    def tiling_args(sp, note=""):
+        g = sp.add_argument_group("large images (exact tiling, lpips_fast.tiling)")
+        g.add_argument("--tile-size", type=_positive, metavar="N",
+                       help="run the model on overlapping tiles of N input pixels (the same "
+                            "value up to float rounding, less memory, more time)" + note)
+        g.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
+                       help="pick the tile size from a memory size, e.g. 1GiB or 512MiB "
+                            "(what it bounds: docs/python.md, large images)")
+
+    def map_args(sp, names):
+        g = sp.add_argument_group("heat maps")
+        g.add_argument("--spatial-map", metavar="DIR",
+                       help="also write each scored pair's per-pixel distance map into DIR "
+                            f"(created), named {names}; existing files there are refused, "
+                            "never overwritten. Costs one more forward per pair")
+        g.add_argument("--map-format", choices=["png", "npy"], default="png",
+                       help="png: a heat map with its colour scale, at the first image's size "
+                            "(default); npy: the raw values")
+        g.add_argument("--map-max", type=_positive_float, metavar="V",
+                       help="value at the top of every map's colour scale (default: each "
+                            "map's maximum)")
 
     def size_args(sp):
         g = sp.add_argument_group("image size")
@@ -337,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--map-max", type=_positive_float, metavar="V",
                     help="value at the top of the colour scale (default: the map's maximum)")
     model_args(pr)
+    tiling_args(pr)
     size_args(pr)
     pr.set_defaults(func=cmd_pair)
 
@@ -350,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pair by relative name (default) or by name without suffix "
                          "(a/x.png with a/x.jpg; then the CSV has name0,name1,lpips)")
     model_args(ds)
+    tiling_args(ds)
+    map_args(ds, "after the pair's name in DIR0 (x.png -> DIR/x.png.png, sub/y.jpg -> "
+                 "DIR/sub/y.jpg.png)")
     size_args(ds)
     batch_args(ds)
     ds.set_defaults(func=cmd_dirs)
@@ -360,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("dir")
     ap.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
     model_args(ap)
+    tiling_args(ap, "; allpairs: only the --spatial-map forward is tiled, the embeddings "
+                    "are computed untiled")
+    map_args(ap, "DIR/<a>/<b>.png, a folder per first image (a/b are the names in the CSV); "
+                 "the values come from embeddings, a map needs the full forward of its pair")
     size_args(ap)
     batch_args(ap)
     ap.set_defaults(func=cmd_allpairs)
@@ -370,9 +462,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("ref", help="reference video")
     v.add_argument("dist", help="distorted video")
     model_args(v)
+    tiling_args(v)
     size_args(v)
     batch_args(v, folders=False)
     v.set_defaults(func=cmd_video)
+
+    b = sub.add_parser(
+        "bench", help="time lpips_fast (and the official lpips, when installed) on this machine",
+        description="Benchmarks shipped in the package. `lpips-fast bench model ...`: "
+                    "lpips_fast against the official lpips (when installed; else lpips_fast "
+                    "only), eager and compiled (lpips-fast bench model --help); `lpips-fast "
+                    "bench kernels ...`: the fused head against the reference head. Without a "
+                    "kind: both, with --device, --quick and --out DIR (default ./bench-results).")
+    b.add_argument("which", nargs="?", choices=["model", "kernels", "all"], default="all")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
+    b.set_defaults(func=cmd_bench)
 
     w = sub.add_parser("weights", help="show and import backbone weights into the cache")
     w.add_argument("--net", choices=NETS)
@@ -387,6 +491,10 @@ _REAL_STDERR = sys.stderr
 
 def main(argv=None) -> int:
     global _REAL_STDERR
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and (argv[1:2] + ["-"])[0].startswith("-") and not {
+            "-h", "--help"} & set(argv[1:]):
+        argv.insert(1, "all")  # `lpips-fast bench --quick`: both benchmarks (the kind is optional)
     args = build_parser().parse_args(argv)
     if getattr(args, "from_file", None) and not args.net:
         _err("error: --from needs --net")

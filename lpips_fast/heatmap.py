@@ -89,8 +89,9 @@ def map_format(path) -> str:
     return fmt
 
 
-def save_map(path, dmap: np.ndarray, vmax: float | None = None) -> None:
-    """A heat map PNG (or, for a .npy path, the raw float32 values)."""
+def save_map(path, dmap: np.ndarray, vmax: float | None = None, exclusive: bool = False) -> None:
+    """A heat map PNG (or, for a .npy path, the raw float32 values). exclusive: an existing
+    file is not replaced (FileExistsError)."""
     import io
     fmt = map_format(path)
     buf = io.BytesIO()
@@ -104,5 +105,5 @@ def save_map(path, dmap: np.ndarray, vmax: float | None = None) -> None:
         except (OSError, ValueError, KeyError) as e:  # e.g. XBM takes only 1-bit images
             raise ValueError(f"{path}: cannot write a heat map as {fmt} ({e}); use .png") \
                 from None
-    with open(path, "wb") as f:
+    with open(path, "xb" if exclusive else "wb") as f:
         f.write(buf.getvalue())

@@ -119,17 +119,21 @@ def bytes_per_pixel(net: str, element_size: int, images: int) -> float:
     return peak * element_size * images
 
 
-def tile_for_budget(net: str, budget_bytes: float, element_size: int, images: int) -> int:
-    """The largest tile core whose crop's activations fit in `budget_bytes` (with a 1.5x
-    margin for the convolution's workspace and the head's outputs)."""
-    crop_pixels = budget_bytes / (1.5 * bytes_per_pixel(net, element_size, images))
+def tile_for_budget(net: str, budget_bytes: float, element_size: int, images: int,
+                    held_bytes: float = 0) -> int:
+    """The largest tile core whose crop's activations fit in `budget_bytes` less `held_bytes`
+    (what the forward holds through every tile: the prepared whole images), with a 1.5x
+    margin for the convolution's workspace and the head's outputs."""
+    crop_pixels = (budget_bytes - held_bytes) / (1.5 * bytes_per_pixel(net, element_size, images))
     margin = halo(net)
-    side = int(math.sqrt(crop_pixels)) - 2 * margin
+    side = int(math.sqrt(max(crop_pixels, 0))) - 2 * margin
     if side < margin:  # smaller cores would spend over 9x the untiled work on halos
         need = 1.5 * bytes_per_pixel(net, element_size, images) * (3 * margin) ** 2
+        held = (f" plus {held_bytes / 2**20:.0f} MiB for the prepared images"
+                if held_bytes else "")
         raise ValueError(f"memory budget of {budget_bytes / 2**20:.0f} MiB is too small for "
                          f"net {net!r} with {images} images: a useful tile (core >= halo = "
-                         f"{margin} pixels) needs about {need / 2**20:.0f} MiB")
+                         f"{margin} pixels) needs about {need / 2**20:.0f} MiB{held}")
     step = alignment(net)
     return side // step * step
 
@@ -158,8 +162,11 @@ def tile_for(model, in0, in1, recording_graph) -> int | None:
     tile = model.tile_size
     if tile is None:
         element = model._backbone_dtype(in0).itemsize
+        # in0, in1 are prepared (for v0.1 the scaling layer's copies of the caller's images):
+        # whole, they live through every tile, so they count against the budget.
+        held = in0.numel() * in0.element_size() + in1.numel() * in1.element_size()
         tile = tile_for_budget(model.pnet_type, model.memory_budget, element,
-                               in0.shape[0] + in1.shape[0])
+                               in0.shape[0] + in1.shape[0], held)
     return tile if tile < max(in0.shape[2:]) else None
 
 

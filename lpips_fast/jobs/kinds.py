@@ -108,6 +108,12 @@ class DirsJob:
     def scorer(self, work, model, s, ctx, mine):
         return _DirsScorer(work, model, s, ctx, mine)
 
+    def map_pair(self, key):
+        """The heat map's name (the pair's relative name in dir0, unique in a listing) and
+        the pair's files (maps.py)."""
+        a, b = (key[0], key[0]) if self.match == "name" else key
+        return a, self.dir0 / a, self.dir1 / b
+
 
 class _DirsScorer:
     """Loads this rank's batches with a DataLoader (worker processes) and scores them."""
@@ -168,6 +174,11 @@ class AllPairsJob:
 
     def scorer(self, work, model, s, ctx, mine):
         return _AllPairsScorer(work, model, s)
+
+    def map_pair(self, key):
+        """`a/b` (maps.py: a path names a file or a folder, so no two pairs share a name)."""
+        a, b = key
+        return f"{a}/{b}", self.dir / a, self.dir / b
 
 
 class _AllPairsScorer:

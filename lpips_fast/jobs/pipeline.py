@@ -13,6 +13,7 @@ from ..distributed import Context, ShardError, teardown
 from ..errors import UsageError
 from ..io import alpha_note, note_once
 from ..model import LPIPS
+from .maps import MapScorer, check_maps
 from .outputs import CsvOutput, check_outputs, format_value, refuse_foreign_files
 from .protocol import Job, Outcome, Settings
 from .ranks import agree, context, same_command, share, sharded
@@ -24,7 +25,8 @@ STOP_AFTER_ENV = "LPIPS_FAST_STOP_AFTER"
 
 def make_model(s: Settings, device, spatial: bool = False):
     return LPIPS(net=s.net, version=s.version, verbose=False, impl=s.impl,
-                 spatial=spatial, precision=s.precision).to(device)
+                 spatial=spatial, precision=s.precision, tile_size=s.tile_size,
+                 memory_budget=s.memory_budget).to(device)
 
 
 def stderr_note(message: str) -> None:
@@ -78,10 +80,11 @@ def _plan_rest(job: Job, s: Settings, note, listing, summary_path, out) -> tuple
     done = out.done
     todo = sum(1 for k in listing.keys if k not in done)
     failures, work, chunks = job.plan(listing, done, s)
+    maps = check_maps(job, [k for k in listing.keys if k not in done], s)
     if s.resume and done:
         note(f"resuming: {len(done)} of {len(listing.keys)} {job.unit}s already in {s.output}, "
              f"{todo} to go")
-    return listing, summary_path, out, todo, failures, (work, chunks)
+    return listing, summary_path, out, todo, failures, (work, chunks, maps)
 
 
 def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
@@ -94,7 +97,7 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
                     failures=failures)
         return shared
 
-    work, chunks = share(ctx, prepare)
+    work, chunks, maps = share(ctx, prepare)
     out: CsvOutput | None = main.get("out")
     failures: list = main.get("failures", [])
     info = None
@@ -106,7 +109,7 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
             # inputs (a video not visible on its machine) exited in silence, and rank 0 said
             # only that a rank died without reporting.
             mine = chunks[ctx.rank::ctx.world_size]  # run_sharded's share of this rank
-            agree(ctx, lambda: built.append(job.scorer(work, model, s, ctx, mine)))
+            agree(ctx, lambda: built.append(_scorer(job, work, model, s, ctx, mine, maps)))
         if ctx.is_main:
             listing = main["listing"]
             info = {"command": job.command, **listing.info,
@@ -160,6 +163,13 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
         write_json(main["summary_path"], info)
     return Outcome(status, out.written, len(out.done), len(main["listing"].keys), failures, info,
                    message, main["summary_path"], ctx.world_size)
+
+
+def _scorer(job, work, model, s, ctx, mine, maps):
+    scorer = job.scorer(work, model, s, ctx, mine)
+    if not maps:
+        return scorer
+    return MapScorer(scorer, job, make_model(s, ctx.device, spatial=True), s, ctx.device, maps)
 
 
 def _guarded(compute, c):

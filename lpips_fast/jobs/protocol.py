@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ..checks import parse_bytes
+
 
 @dataclass
 class Settings:
@@ -26,11 +28,21 @@ class Settings:
     batch_size: int = 32
     workers: int = 0
     progress: bool | None = False             # a tqdm bar on stderr; None: when it is a terminal
+    tile_size: int | None = None              # the model's exact tiling (lpips_fast.tiling)
+    memory_budget: int | str | None = None    # bytes or '1GiB'; the model's tile choice
+    spatial_map: str | os.PathLike | None = None  # a folder of heat maps, one per pair (maps.py)
+    map_format: str = "png"                   # png (a heat map with its scale) or npy (values)
+    map_max: float | None = None              # the top of every map's colour scale
 
     def options(self) -> dict:
         """The options that change the values: a resumed file must have been made with them."""
+        # Tiling changes the values only by float rounding (the summation order), but a resumed
+        # file keeps one order. A budget is compared in bytes ('1GiB' is '1024MiB'); files
+        # whose summary predates these keys read them as None: untiled, as they were.
         return {"net": self.net, "version": self.version, "precision": self.precision,
-                "resize": self.resize, "resample": self.resample}
+                "resize": self.resize, "resample": self.resample,
+                "tile-size": self.tile_size,
+                "memory-budget": parse_bytes(self.memory_budget, "--memory-budget")}
 
     def summary_path(self) -> Path | None:
         if self.summary is None or self.summary == "-":

@@ -1,0 +1,5 @@
+"""Benchmarks shipped with the package (`lpips-fast bench`): `model` (lpips_fast against the
+official lpips, eager and compiled, per case and by resolution), `kernels` (the fused head
+against the reference head per layer shape), and what they share: `common` (device names,
+interleaved timing, plot style) and `limits` (the work of a case and the peak rates of known
+devices). benchmarks/bench.py and benchmarks/bench_head.py are thin wrappers over these."""
