@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 class Settings:
     """How a job runs. `summary`: a path, "auto" (next to the CSV: out.csv -> out.summary.json)
     or None (none; then `resume` cannot check the first run's options and refuses)."""
-    output: str | os.PathLike | None = None   # the CSV; None: stdout
+    output: str | os.PathLike | None = None   # the CSV; None or "-": stdout
     summary: str | os.PathLike | None = "auto"
     resume: bool = False
     net: str = "alex"
@@ -26,19 +26,28 @@ class Settings:
     batch_size: int = 32
     workers: int = 0
     progress: bool | None = False             # a tqdm bar on stderr; None: when it is a terminal
+    stdout: Any = None                        # where the CSV goes without output (None: sys.stdout)
 
     def options(self) -> dict:
         """The options that change the values: a resumed file must have been made with them."""
         return {"net": self.net, "version": self.version, "precision": self.precision,
                 "resize": self.resize, "resample": self.resample}
 
+    def __post_init__(self):
+        if self.output is not None and os.fspath(self.output) == "-":  # as on a command line
+            self.output = None
+
     def summary_path(self) -> Path | None:
+        """"auto": beside a CSV file; none beside stdout, a device or a pipe (-o /dev/null
+        wrote /dev/null.summary.json)."""
         if self.summary is None or self.summary == "-":
             return None
         if self.summary != "auto":
             return Path(self.summary)
-        return None if self.output is None else Path(self.output).with_name(
-            Path(self.output).stem + ".summary.json")
+        out = None if self.output is None else Path(self.output)
+        if out is None or (out.exists() and not out.is_file()):
+            return None
+        return out.with_name(out.stem + ".summary.json")
 
 
 @dataclass
