@@ -258,7 +258,7 @@ def cmd_demo(args) -> int:
             save_map(out / f"{_slug(name)}.map.png", dmap.clip(min=0), float(maps.max()))
         _say(f"saved the images and their LPIPS heat maps (one colour scale) in {out}/")
     _say(f"done in {elapsed:.1f} s. Your own images: lpips-fast pair A B --spatial-map map.png; "
-          "folders: lpips-fast dirs D0 D1 -o out.csv (lpips-fast --help)")
+         "folders: lpips-fast dirs D0 D1 -o out.csv (lpips-fast --help)")
     return 0
 
 
