@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import numbers
 import warnings
 
@@ -12,9 +13,16 @@ import torch
 from .backbones import min_input_size, too_small
 
 
+# The units of a size, as text (any case); 1024-based KiB..TiB, 1000-based KB..TB.
+BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*([a-z]*)\s*", re.I)
+
+
 def parse_bytes(budget, what="memory_budget", minimum=1):
     """None, or a size in whole bytes (at least `minimum`): a number, or a string such as
-    '512MiB', '16GiB', '2GB'. Smaller, infinite and unparsable sizes raise a ValueError."""
+    '512MiB', '16GiB', '2GB'. Smaller, infinite and unparsable sizes raise a ValueError; a
+    string with a unit that is not one of BYTE_UNITS ('16G', '1PiB') says so and lists them."""
     if budget is None:
         return None
     value = None
@@ -24,14 +32,14 @@ def parse_bytes(budget, what="memory_budget", minimum=1):
         except OverflowError:  # an int beyond float's range (10**400)
             value = math.inf
     elif isinstance(budget, str):
-        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-                 "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
-        text = budget.strip().lower()
-        unit = next((u for u in units if text.endswith(u)), None)
-        try:
-            value = float(text[:-len(unit)] if unit else text) * (units[unit] if unit else 1)
-        except ValueError:
-            value = None
+        m = _SIZE.fullmatch(budget)
+        unit = m.group(2).lower() if m else None
+        if unit and unit not in BYTE_UNITS:
+            units = ", ".join(u.upper().replace("I", "i") for u in BYTE_UNITS)
+            raise ValueError(f"{what}: unknown unit {m.group(2)!r} in {budget!r}; the units "
+                             f"are {units} (e.g. '16GiB')")
+        if m:
+            value = float(m.group(1)) * BYTE_UNITS[unit or "b"]
     if value is None or not math.isfinite(value) or value < minimum:
         raise ValueError(f"{what} must be a size of at least {minimum} bytes, as a number or a "
                          f"string such as '16GiB', got {budget!r}")
@@ -76,8 +84,9 @@ def check_pair(in0, in1, names, device, net):
 
 
 def warn_if_out_of_range(in0, in1, normalize):
-    """A warning when the inputs are very likely in the wrong range (0-255 pixel values, or
-    [0, 1] images without normalize=True). Reads their values: a device sync."""
+    """A warning when the inputs are very likely in the wrong range (0-255 pixel values, [0, 1]
+    images without normalize=True, or [-1, 1] images with it). Reads their values: a device
+    sync."""
     lo0, lo1, hi0, hi1 = torch.stack([t.double() for t in (in0.min(), in1.min(), in0.max(),
                                                           in1.max())]).tolist()
     lo, hi = min(lo0, lo1), max(hi0, hi1)
@@ -90,6 +99,12 @@ def warn_if_out_of_range(in0, in1, normalize):
         warnings.warn(f"lpips_fast: the inputs are all in [0, 1] (min {lo:g}, max {hi:g}) "
                       "but normalize=False, which means [-1, 1]; pass normalize=True if "
                       "they are [0, 1] images", stacklevel=5)
+    elif normalize and lo < -0.5 and hi <= 1:
+        # Clearly negative: a [0, 1] image resampled with bicubic overshoots by a few
+        # hundredths, not by half its range; normalize=True maps this to below -2.
+        warnings.warn(f"lpips_fast: the inputs have negative values (min {lo:g}, max {hi:g}) "
+                      "but normalize=True, which means [0, 1]; pass normalize=False if they "
+                      "are [-1, 1] images", stacklevel=5)
 
 
 def nan_if_too_small(out, x, net):

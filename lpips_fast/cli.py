@@ -8,6 +8,7 @@ output went away (`| head`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,8 +31,8 @@ from lpips_fast.distributed import ShardError, launched
 from lpips_fast.errors import NotJoined, Quiet, UsageError
 from lpips_fast.examples import distortions, reference_image
 from lpips_fast.folders import default_workers
-from lpips_fast.heatmap import map_format, save_map
 from lpips_fast.checks import parse_bytes
+from lpips_fast.heatmap import map_format, save_image, save_map
 from lpips_fast.io import RESAMPLE, RESIZE_POLICIES, load_pair, resize, to_tensor
 from lpips_fast.tiling import tile_for_budget
 from lpips_fast.video import _av
@@ -39,6 +40,16 @@ from lpips_fast.video import _av
 NETS = ["alex", "vgg", "squeeze"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
 BROKEN_PIPE = 141  # the reader of stdout went away: the status of a command killed by SIGPIPE
+
+
+# Results go to this handle, the real stdout: during a command sys.stdout is stderr, so that
+# whatever a library prints (while models and weights are built, or later) is not taken for a
+# result (`pair --json | jq`, a CSV on stdout). Set by main().
+_OUT = sys.stdout
+
+
+def _say(text: str) -> None:
+    print(text, file=_OUT)
 
 
 def _err(msg: str) -> None:
@@ -74,20 +85,20 @@ def cmd_weights(args) -> int:
     """Show where each net's backbone weights come from, importing them into the cache."""
     nets = [args.net] if args.net else NETS
     failed = 0
-    print(f"cache: {weights.home() / 'backbones'}")
+    _say(f"cache: {weights.home() / 'backbones'}")
     for net in nets:
         try:
             res, cached = weights.import_backbone(net, args.from_file)
         except weights.WeightsNotFound as e:
             failed += 1
-            print(f"{net:8s} NOT FOUND\n{e}\n")
+            _say(f"{net:8s} NOT FOUND\n{e}\n")
             continue
         except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
             failed += 1  # a file refused, or a cache that cannot be written: one line
             print(f"lpips-fast weights: {net}: {e}", file=sys.stderr)
             continue
-        print(f"{net:8s} {res.source}: {res.location}\n{'':8s} cached as {cached} "
-              f"(sha256 {weights.sha256(cached)[:16]}...)")
+        _say(f"{net:8s} {res.source}: {res.location}\n{'':8s} cached as {cached} "
+             f"(sha256 {weights.sha256(cached)[:16]}...)")
     return 1 if failed and (args.net or failed == len(nets)) else 0
 
 
@@ -102,6 +113,7 @@ def cmd_pair(args) -> int:
             map_format(args.spatial_map)
         except ValueError as e:
             raise UsageError(f"--spatial-map {e}") from None
+    jobs.refuse_foreign_files([("--spatial-map", args.spatial_map, "image")])
     # errors (files, sizes) are ImageErrors: one line and exit code 2 through _main
     x0, x1, (s0, _) = load_pair(args.a, args.b, args.resize, args.resample, args.net)
     size = tuple(x0.shape[2:])
@@ -119,9 +131,9 @@ def cmd_pair(args) -> int:
         result["spatial_map"] = str(out)
         result["map_max"] = float(dmap.max())
     if args.json:
-        print(json.dumps(result))
+        _say(json.dumps(result))
     else:
-        print(f"{d:.6f}")
+        _say(f"{d:.6f}")
         if args.spatial_map:
             _err(f"spatial map (max {result['map_max']:.4f}) -> {args.spatial_map}")
     return 0
@@ -138,7 +150,8 @@ def _settings(args):
         device=args.device, batch_size=args.batch_size, workers=getattr(args, "workers", 0),
         progress=False if args.quiet else None, tile_size=args.tile_size,
         memory_budget=args.memory_budget, spatial_map=getattr(args, "spatial_map", None),
-        map_format=getattr(args, "map_format", "png"), map_max=getattr(args, "map_max", None))
+        map_format=getattr(args, "map_format", "png"), map_max=getattr(args, "map_max", None),
+        stdout=_OUT)
 
 
 def _run_job(args, job) -> int:
@@ -184,7 +197,7 @@ def _report(args, job, o) -> None:
             _err(f"  ... and {len(by_msg) - jobs.MAX_LISTED} other errors (see the summary)")
     info = o.info
     if args.json and args.output:
-        print(json.dumps(info))
+        _say(json.dumps(info))
         return
     seconds = info["seconds"]
     rate = f", {o.written / seconds:.1f} {job.unit}s/s" if o.written and seconds > 0 else ""
@@ -197,7 +210,7 @@ def _report(args, job, o) -> None:
                      f"min {info['min']:.6f}  max {info['max']:.6f}  count {info['count']}")
     if o.summary_path:
         lines.append(f"summary -> {o.summary_path}")
-    print("\n".join(lines), file=sys.stdout if args.output else sys.stderr)
+    print("\n".join(lines), file=_OUT if args.output else sys.stderr)
 
 
 def cmd_dirs(args) -> int:
@@ -221,20 +234,22 @@ def cmd_bench(args) -> int:
     from lpips_fast import _ops
     from lpips_fast.bench import kernels, model
     rest = list(args.args)
-    if args.which == "model":
-        model.main(rest)
-    elif args.which == "kernels":
-        kernels.main(rest)
-    else:
-        opts = build_bench_all_parser().parse_args(rest)
-        common = ["--device", opts.device] if opts.device else []
-        common += ["--quick"] if opts.quick else []
-        stem = model.main([*common, "--out", str(opts.out)])
-        if not _ops.available():
-            _err(f"kernels: not run, the compiled extension is not available ({_ops.load_error})")
-            return 1
-        kernels.main([*common, "--out", f"{stem}-kernels.md"])
-        print(f"wrote {stem}-kernels.md")
+    with contextlib.redirect_stdout(_OUT):  # the benchmarks' tables are this command's results
+        if args.which == "model":
+            model.main(rest)
+        elif args.which == "kernels":
+            kernels.main(rest)
+        else:
+            opts = build_bench_all_parser().parse_args(rest)
+            common = ["--device", opts.device] if opts.device else []
+            common += ["--quick"] if opts.quick else []
+            stem = model.main([*common, "--out", str(opts.out)])
+            if not _ops.available():
+                _err(f"kernels: not run, the compiled extension is not available "
+                     f"({_ops.load_error})")
+                return 1
+            kernels.main([*common, "--out", f"{stem}-kernels.md"])
+            _say(f"wrote {stem}-kernels.md")
     return 0
 
 
@@ -255,7 +270,7 @@ def _bar(value: float, vmax: float, width: int = 30) -> str:
     if vmax <= 0:
         return ""
     try:
-        "█▏".encode(sys.stdout.encoding or "ascii")
+        "█▏".encode(_OUT.encoding or "ascii")
     except (UnicodeEncodeError, LookupError):
         return "#" * round(width * value / vmax)
     eighths = round(8 * width * value / vmax)
@@ -273,33 +288,36 @@ def cmd_demo(args) -> int:
     dev = resolve_device(args.device)
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
         raise UsageError(f"{args.save}: is a file; --save needs a folder (it is created)")
-    model = _model(args, dev)
     dist = distortions(ref)
+    names = ["reference.png"] + [f"{_slug(n)}{end}" for n in dist for end in (".png", ".map.png")]
+    if args.save:  # files of an earlier demo are replaced, any other file is refused
+        jobs.refuse_foreign_files([("--save", Path(args.save) / n, "image") for n in names])
+    model = _model(args, dev)
     x0 = to_tensor(ref).to(dev)
     x1 = torch.cat([to_tensor(img) for img in dist.values()]).to(dev)
     with torch.inference_mode():
         scores = model(x0, x1).flatten().float().cpu().tolist()
     elapsed = time.perf_counter() - t0
-    print(f"LPIPS v{args.version}, net={args.net}, real ImageNet backbone, {_head_name(model)}, "
-          f"on {dev}, {args.precision}")
-    print(f"{'distortion of a 256x256 synthetic image':42s} LPIPS   (0 = identical; higher = "
-          "more different)")
+    _say(f"LPIPS v{args.version}, net={args.net}, real ImageNet backbone, {_head_name(model)}, "
+         f"on {dev}, {args.precision}")
+    _say(f"{'distortion of a 256x256 synthetic image':42s} LPIPS   (0 = identical; higher = "
+         "more different)")
     vmax = max(scores)
     for name, d in zip(dist, scores):
-        print(f"{name:42s} {d:.4f}  {_bar(d, vmax)}".rstrip())
-    print()
+        _say(f"{name:42s} {d:.4f}  {_bar(d, vmax)}".rstrip())
+    _say("")
     if args.save:
         out = Path(args.save)
         out.mkdir(parents=True, exist_ok=True)
-        ref.save(out / "reference.png")
+        save_image(ref, out / "reference.png")
         with torch.inference_mode():
             maps = _model(args, dev, spatial=True)(x0, x1)[:, 0].float().cpu().numpy()
         for (name, img), dmap in zip(dist.items(), maps):
-            img.save(out / f"{_slug(name)}.png")
+            save_image(img, out / f"{_slug(name)}.png")
             save_map(out / f"{_slug(name)}.map.png", dmap.clip(min=0), float(maps.max()))
-        print(f"saved the images and their LPIPS heat maps (one colour scale) in {out}/")
-    print(f"done in {elapsed:.1f} s. Your own images: lpips-fast pair A B --spatial-map map.png; "
-          "folders: lpips-fast dirs D0 D1 -o out.csv (lpips-fast --help)")
+        _say(f"saved the images and their LPIPS heat maps (one colour scale) in {out}/")
+    _say(f"done in {elapsed:.1f} s. Your own images: lpips-fast pair A B --spatial-map map.png; "
+         "folders: lpips-fast dirs D0 D1 -o out.csv (lpips-fast --help)")
     return 0
 
 
@@ -393,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="image-loading processes (0 = load in the main process; "
                                 f"default {default_workers()})")
         g.add_argument("-o", "--output", metavar="CSV",
-                       help="CSV file (default: stdout); rows are flushed as they are computed")
+                       help="CSV file (default, or '-': stdout); rows are flushed as they are "
+                            "computed")
         g.add_argument("--resume", action="store_true",
                        help="keep the rows already in --output and score only the rest")
         g.add_argument("--summary", metavar="JSON",
@@ -499,16 +518,29 @@ def main(argv=None) -> int:
     if getattr(args, "from_file", None) and not args.net:
         _err("error: --from needs --net")
         return 2
+    if getattr(args, "output", None) == "-":  # -o -: stdout, as without -o (never a file "-")
+        args.output = None
     _REAL_STDERR = sys.stderr
     if launched() and os.environ.get("RANK", "0") != "0":
         # Under a launch only rank 0 prints (and writes files); the others tell rank 0.
         sys.stdout = sys.stderr = open(os.devnull, "w")
         try:
-            return _main(args)
+            return _results_apart(args)
         except Exception:  # noqa: BLE001 - unexpected: the traceback goes to the real stderr
             traceback.print_exc(file=_REAL_STDERR)
             return 1
-    return _main(args)
+    return _results_apart(args)
+
+
+def _results_apart(args) -> int:
+    """_main with results on the real stdout (_OUT) and anything else printed on stderr."""
+    global _OUT
+    _OUT = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        return _main(args)
+    finally:
+        sys.stdout = _OUT
 
 
 def _main(args) -> int:
@@ -521,7 +553,7 @@ def _main(args) -> int:
         return 130
     except BrokenPipeError:  # e.g. `lpips-fast dirs A B | head`: the reader went away
         # Later writes (Python's own flush at exit included) go nowhere instead of failing.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), _OUT.fileno())
         _err("stopped: the output pipe was closed")
         return BROKEN_PIPE
     except (UsageError, weights.WeightsNotFound, ValueError) as e:

@@ -89,21 +89,58 @@ def map_format(path) -> str:
     return fmt
 
 
+# The PNG text chunk Software=MARK says lpips-fast wrote a file, which a later run may replace
+# (jobs.outputs.refuse_foreign_files); any other existing file is refused.
+MARK = "lpips-fast"
+
+
+def marked(path) -> bool:
+    """Whether `path` is a PNG with lpips-fast's mark (reads its first chunks only)."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == MARK
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    """`img` in format `fmt`, marked as lpips-fast's where it is a PNG."""
+    import io
+    from PIL.PngImagePlugin import PngInfo
+    buf = io.BytesIO()
+    extra = {}
+    if fmt == "PNG":
+        extra["pnginfo"] = PngInfo()
+        extra["pnginfo"].add_text("Software", MARK)
+    img.save(buf, format=fmt, **extra)
+    return buf.getvalue()
+
+
+def _write(path, data: bytes, exclusive: bool = False) -> None:
+    with open(path, "xb" if exclusive else "wb") as f:
+        f.write(data)
+
+
+def save_image(img: Image.Image, path) -> None:
+    """`img` in `path`'s format (from its suffix), marked where it is a PNG (demo's images)."""
+    _write(path, _encode(img, map_format(path)))
+
+
 def save_map(path, dmap: np.ndarray, vmax: float | None = None, exclusive: bool = False) -> None:
-    """A heat map PNG (or, for a .npy path, the raw float32 values). exclusive: an existing
-    file is not replaced (FileExistsError)."""
+    """A heat map PNG, marked (or, for a .npy path, the raw float32 values). exclusive: an
+    existing file is not replaced (FileExistsError)."""
     import io
     fmt = map_format(path)
-    buf = io.BytesIO()
     # encoded in memory first: a format that refuses the image fails before the file is
     # touched; np.save on a name would add ".npy" to a ".NPY" name and write another file
     if fmt == "NPY":
+        buf = io.BytesIO()
         np.save(buf, np.asarray(dmap, dtype=np.float32))
+        data = buf.getvalue()
     else:
         try:
-            render(dmap, vmax).save(buf, format=fmt)
+            data = _encode(render(dmap, vmax), fmt)
         except (OSError, ValueError, KeyError) as e:  # e.g. XBM takes only 1-bit images
             raise ValueError(f"{path}: cannot write a heat map as {fmt} ({e}); use .png") \
                 from None
-    with open(path, "xb" if exclusive else "wb") as f:
-        f.write(buf.getvalue())
+    _write(path, data, exclusive)

@@ -179,9 +179,15 @@ def test_existing_map_files_are_refused_before_anything_is_written(folders, caps
     (maps / "sub" / "y.png.png").write_bytes(b"not ours")
     assert dirs(folders, "--spatial-map", str(maps)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "sub/y.png.png" in err[0] and "does not overwrite" in err[0]
+    assert len(err) == 1 and "sub/y.png.png" in err[0] and "refusing to overwrite" in err[0]
     assert (maps / "sub" / "y.png.png").read_bytes() == b"not ours"
     assert not (folders / "out.csv").exists() and not (maps / "x.png.png").exists()
+    # the rule of every output: an earlier run's maps (marked PNGs) are replaced by a re-run
+    (maps / "sub" / "y.png.png").unlink()
+    assert dirs(folders, "--spatial-map", str(maps)) == 0
+    first = (maps / "x.png.png").read_bytes()
+    assert dirs(folders, "--spatial-map", str(maps)) == 0
+    assert (maps / "x.png.png").read_bytes() == first
 
 
 def test_a_map_folder_that_is_a_file_is_refused(folders, capsys):

@@ -237,9 +237,17 @@ def test_tile_size_and_memory_budget_are_validated_wherever_set():
     assert model.memory_budget == 4096 and model.tile_size is None  # a refused value changes nothing
 
 
+@pytest.mark.parametrize("bad,unit", [("1PiB", "PiB"), ("16G", "G"), ("2 gigs", "gigs")])
+def test_a_size_with_an_unknown_unit_names_the_unit_and_lists_the_units(bad, unit):
+    """'16G' said 'must be a size of at least 1 bytes', as if the number were the problem."""
+    with pytest.raises(ValueError, match=f"unknown unit '{unit}'.*KB, MB.*KiB, MiB, GiB, TiB"):
+        lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False, memory_budget=bad)
+
+
 @pytest.mark.parametrize("scale,normalize,expected", [
     (255.0, False, "0-255 pixel values"), (255.0, True, "0-255 pixel values"),
-    (1.0, False, r"all in \[0, 1\]"), (1.0, True, None), ("pm1", False, None)])
+    (1.0, False, r"all in \[0, 1\]"), (1.0, True, None), ("pm1", False, None),
+    ("pm1", True, "negative values .* but normalize=True")])
 def test_inputs_in_a_likely_wrong_range_warn_once(scale, normalize, expected):
     model = lpips_fast.LPIPS(net="alex", pnet_rand=True, verbose=False)
     g = torch.Generator().manual_seed(0)

@@ -25,14 +25,16 @@ CSV and its lock), `records` (the summary, the resume check), `ranks` (agreement
 from ..devices import resolve_device
 from ..errors import NotJoined, Quiet, UsageError
 from .kinds import MAX_LISTED, AllPairsJob, DirsJob, VideoJob, listing_text
-from .outputs import HEADERS, NAME_ERRORS, CsvOutput, check_outputs, format_value
+from .outputs import (HEADERS, NAME_ERRORS, CsvOutput, check_outputs, format_value,
+                      refuse_foreign_files)
 from .pipeline import STOP_AFTER_ENV, make_model, run, stderr_note
 from .protocol import Job, Listing, Outcome, Scorer, Settings
 from .ranks import FAIL_RANK_ENV, agree, context, share
 from .records import INPUT_KEYS, summary, write_json
 
 __all__ = ["run", "Settings", "Outcome", "Listing", "Job", "Scorer", "DirsJob", "AllPairsJob",
-           "VideoJob", "CsvOutput", "check_outputs", "format_value", "summary", "write_json",
+           "VideoJob", "CsvOutput", "check_outputs", "refuse_foreign_files", "format_value",
+           "summary", "write_json",
            "make_model", "resolve_device", "context", "share", "agree", "listing_text",
            "stderr_note", "UsageError", "NotJoined", "Quiet", "MAX_LISTED", "HEADERS",
            "NAME_ERRORS", "INPUT_KEYS", "FAIL_RANK_ENV", "STOP_AFTER_ENV"]

@@ -8,8 +8,10 @@ pair's scoring size, one pair at a time (images of a folder may differ in size).
 Names: a job's `map_pair(key)` gives the map's name relative to the folder, made so that two
 pairs never share one (dirs: the pair's relative name plus the format's suffix; allpairs:
 `<a>/<b>.png`, a folder per first image: a path names a file or a folder, never both, so no
-two pairs of one listing meet). Existing files are refused before anything is scored: a file
-in the folder is never overwritten, whoever wrote it.
+two pairs of one listing meet). Existing files follow the rule of every output
+(outputs.refuse_foreign_files): an earlier run's map (a PNG marked as lpips-fast's) is replaced,
+anything else (a user's file, an .npy) is refused before anything is scored; a file that
+appears during the run is not overwritten.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..errors import UsageError
 from ..heatmap import save_map
 from ..io import load_pair, resize
 from .kinds import listing_text
+from .outputs import refuse_foreign_files
 
 FORMATS = ("png", "npy")
 
@@ -32,9 +35,9 @@ def map_path(job, key, s) -> tuple[Path, Path, Path]:
 
 
 def check_maps(job, keys: list, s) -> set:
-    """Rank 0, before anything is written: the keys whose maps this run writes (those it
-    scores), after refusing a map folder that is a file, a job without maps, and any of
-    those maps' files that already exists."""
+    """Rank 0, before anything is written: {key: whether its map replaces an earlier run's}
+    for the keys whose maps this run writes (those it scores), after refusing a map folder that
+    is a file, a job without maps, and files in the way that lpips-fast did not write."""
     if s.spatial_map is None:
         return set()
     if not hasattr(job, "map_pair"):
@@ -44,19 +47,21 @@ def check_maps(job, keys: list, s) -> set:
     root = Path(s.spatial_map)
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root}: is a file; --spatial-map needs a folder (it is created)")
-    existing = [str(p) for p in (map_path(job, k, s)[0] for k in keys) if p.exists()
-                or p.is_symlink()]
-    if existing:
-        raise UsageError(f"--spatial-map {root}: {len(existing)} of the maps to write exist "
-                         f"already ({listing_text(existing, 3)}); lpips-fast does not "
-                         "overwrite files there: remove them or choose another folder")
-    return set(keys)
+    paths = {k: map_path(job, k, s)[0] for k in keys}
+    # the one rule of every output (outputs.refuse_foreign_files): an earlier run's marked map
+    # is replaced, any other file in the way is refused before anything is written
+    refuse_foreign_files([("--spatial-map", p, "image") for p in paths.values() if p.exists()])
+    links = [str(p) for p in paths.values() if p.is_symlink()]
+    if links:
+        raise UsageError(f"--spatial-map {root}: {len(links)} of the maps to write are links "
+                         f"({listing_text(links, 3)}); lpips-fast does not write through them")
+    return {k: p.is_file() for k, p in paths.items()}  # key -> an own map to replace
 
 
 class MapScorer:
     """Wraps a job's scorer: after each chunk, writes the maps of its scored rows in `todo`."""
 
-    def __init__(self, inner, job, model, s, device, todo: set):
+    def __init__(self, inner, job, model, s, device, todo: dict):
         self.inner, self.job, self.model, self.s = inner, job, model, s
         self.device, self.todo = device, todo
 
@@ -77,7 +82,7 @@ class MapScorer:
         dmap = resize(dmap.float().cpu(), s0, "bilinear")[0, 0]  # at the first image's size
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            save_map(out, dmap.clamp(min=0).numpy(), s.map_max, exclusive=True)
+            save_map(out, dmap.clamp(min=0).numpy(), s.map_max, exclusive=not self.todo[key])
         except FileExistsError:
             raise UsageError(f"{out}: appeared during the run; lpips-fast does not overwrite "
                              "files in --spatial-map") from None

@@ -1,6 +1,7 @@
-"""A job's output files: the checks made before anything is written (`check_outputs`,
-`refuse_foreign_files`) and the CSV (`CsvOutput`: read a file to resume, create or continue it
-under an exclusive lock, append rows)."""
+"""Output files: the checks made before anything is written (`check_outputs`, and
+`refuse_foreign_files`, the one rule for replacing an existing file, for every command), the
+lock a run holds on what it writes (`hold_lock`), and a job's CSV (`CsvOutput`: read a file to
+resume, create or continue it under an exclusive lock, append rows)."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..heatmap import map_format, marked
 
 # Text files are written and read with this error handler, so that a file name that is not
 # valid UTF-8 (possible on Linux) goes out as its own bytes and comes back as the same path.
@@ -71,27 +73,83 @@ def check_outputs(outputs: dict, inputs=()) -> None:
 HEADERS = ("name,lpips\n", "name0,name1,lpips\n", "a,b,lpips\n", "frame,time,lpips\n")
 
 
-def refuse_foreign_files(output, summary_path: Path | None, resume: bool) -> None:
-    """An existing, non-empty -o or --summary that lpips-fast did not write (a user's notes,
-    a config file, a typo for another file) is refused, not overwritten: only the files of an
-    earlier run are replaced. (With --resume, CsvOutput.read checks the CSV itself.)"""
-    if output is not None and not resume and Path(output).is_file():
-        with open(output, "rb") as f:
-            head = f.readline(100).decode("utf-8", "replace")
-        if head and head not in HEADERS:
-            raise UsageError(f"{output}: exists and is not an lpips-fast CSV (its first line is "
-                             f"{head.rstrip()[:60]!r}); refusing to overwrite it: remove it or "
-                             "choose another -o")
-    if summary_path is not None and summary_path.is_file() and summary_path.stat().st_size:
-        try:
-            record = json.loads(summary_path.read_text(encoding="utf-8", errors=NAME_ERRORS))
-            ours = isinstance(record, dict) and {"command", "options"} <= record.keys()
-        except (OSError, ValueError):
-            ours = False
-        if not ours:
-            raise UsageError(f"{summary_path}: exists and is not an lpips-fast summary; "
-                             "refusing to overwrite it: remove it or choose another --summary "
-                             "('-' for none)")
+def _csv_problem(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.readline(100).decode("utf-8", "replace")
+    return None if head in HEADERS else \
+        f"is not an lpips-fast CSV (its first line is {head.rstrip()[:60]!r})"
+
+
+def _summary_problem(path: Path) -> str | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8", errors=NAME_ERRORS))
+        if isinstance(record, dict) and {"command", "options"} <= record.keys():
+            return None
+    except (OSError, ValueError):
+        pass
+    return "is not an lpips-fast summary"
+
+
+def _image_problem(path: Path) -> str | None:
+    if marked(path):
+        return None
+    if map_format(path) != "PNG":
+        return (f"may not have been written by lpips-fast (a {path.suffix} file carries no "
+                "lpips-fast mark; only its PNGs do)")
+    return "is not a PNG that lpips-fast wrote (it has no lpips-fast mark)"
+
+
+# How each kind of output recognizes a file lpips-fast wrote: None if it did, else why not.
+_PROBLEM = {"csv": _csv_problem, "summary": _summary_problem, "image": _image_problem}
+
+
+def refuse_foreign_files(outputs) -> None:
+    """The one rule for every output of every command: an existing, non-empty regular file is
+    replaced only when lpips-fast recognizably wrote it, as that kind of output (`outputs`:
+    (label, path or None, kind) with kind csv, summary or image). So a re-run replaces its
+    own earlier files (a CSV with a job's header; a summary JSON with "command" and
+    "options"; a PNG heat map or demo image, which carries the text chunk Software=lpips-fast),
+    and a user's file in the way (notes, a config, a photo, a typo for another name; a .npy or
+    .jpg map, formats that carry no mark) is refused with one line, before anything is written.
+    An empty file holds nothing to lose; a device or a pipe (/dev/null) is written to, not
+    replaced. (A resumed CSV is checked by CsvOutput.read instead: pass None for it.)"""
+    for label, path, kind in outputs:
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_file() or p.stat().st_size == 0:
+            continue
+        problem = _PROBLEM[kind](p)
+        if problem:
+            raise UsageError(f"{p}: exists and {problem}; refusing to overwrite it: remove it "
+                             f"or choose another {label}")
+
+
+def hold_lock(path: Path, create: bool, label: str) -> int | None:
+    """An open fd holding an exclusive flock on `path` (closing it releases it), so that a
+    second run writing the same file at once (two --resume runs appended the same rows twice,
+    two new runs mixed their bytes or replaced each other's summary) stops with one line
+    instead. None where nothing is locked: no such file (unless `create`: then it is created
+    empty), not a regular file (/dev/null, a pipe), no flock (Windows) or a file system
+    without locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the file is not protected
+        return None
+    if path.exists() and not path.is_file():
+        return None
+    if not create and not path.exists():
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT if create else os.O_RDONLY, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{path}: another lpips-fast run is writing this file; wait for it "
+                         f"to finish (then --resume) or choose another {label}") from None
+    except OSError:  # a file system without locks: go on unprotected
+        pass
+    return fd
 
 
 # --- the CSV ----------------------------------------------------------------------------------
@@ -125,10 +183,12 @@ def _first_foreign_row(text: str, rows: list) -> int:
 
 class CsvOutput:
     """The job's CSV: `read()` validates a file to resume (nothing is changed), `open()` creates
-    or continues it, `write()` appends rows and flushes. `path=None` writes to stdout."""
+    or continues it, `write()` appends rows and flushes. `path=None` writes to `stream` (None:
+    sys.stdout when the file is opened)."""
 
-    def __init__(self, path, header: list[str], key_columns: int, check_row=None):
+    def __init__(self, path, header: list[str], key_columns: int, check_row=None, stream=None):
         self.path = Path(path) if path is not None else None
+        self.stream = stream
         self.header, self.nkey, self.check_row = header, key_columns, check_row
         self.done: set = set()
         self.row_of: dict = {}  # a resumed row's key -> its row number (1 = the header)
@@ -137,32 +197,13 @@ class CsvOutput:
         self.file = None
         self.existing, self._cut = False, None  # read() found a file to continue
         self._lock_fd = None
+        self.broken = False  # a write failed (a full disk)
 
     def lock(self, create: bool = False) -> None:
-        """Hold an exclusive lock on the file (flock, released by `close`), so that a second
-        run writing the same file at once (two --resume runs appended the same rows twice, two
-        new runs mixed their bytes) stops with one line instead. An existing regular file is
-        locked before it is read; a new one (create=True) when it is created."""
-        if self.path is None or self._lock_fd is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; the file is not protected
-            return
-        if self.path.exists() and not self.path.is_file():  # /dev/null, a pipe: not locked
-            return
-        if not create and not self.path.exists():
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT if create else os.O_RDONLY, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(f"{self.path}: another lpips-fast run is writing this file; wait "
-                             "for it to finish (then --resume) or choose another -o") from None
-        except OSError:  # a file system without locks: go on unprotected
-            pass
-        self._lock_fd = fd
+        """Hold an exclusive lock on the file (`hold_lock`, released by `close`). An existing
+        regular file is locked before it is read; a new one (create=True) when it is created."""
+        if self.path is not None and self._lock_fd is None:
+            self._lock_fd = hold_lock(self.path, create, "-o")
 
     def read(self) -> None:
         """Read an existing file to resume: its header must be this command's, every complete
@@ -226,9 +267,9 @@ class CsvOutput:
     def open(self) -> None:
         """Create the file with its header, or continue the file `read()` validated."""
         if self.path is None:
-            self.file = sys.stdout
-            if hasattr(sys.stdout, "reconfigure"):
-                sys.stdout.reconfigure(errors=NAME_ERRORS)
+            self.file = self.stream if self.stream is not None else sys.stdout
+            if hasattr(self.file, "reconfigure"):
+                self.file.reconfigure(errors=NAME_ERRORS)
         elif self.existing:
             self.lock()
             if self._cut is not None:  # a row cut short by the interruption: drop it
@@ -243,14 +284,22 @@ class CsvOutput:
         self.file.flush()
 
     def write(self, rows: list[list]) -> None:
-        self.file.write(_csv_text(rows))
-        self.file.flush()
+        try:
+            self.file.write(_csv_text(rows))
+            self.file.flush()
+        except OSError:  # a full disk: the rows that did not fit stay in the buffer
+            self.broken = True
+            raise
         self.values.extend(float(r[-1]) for r in rows)
         self.written += len(rows)
 
     def close(self) -> None:
-        if self.file is not None and self.file is not sys.stdout:
-            self.file.close()
+        if self.file is not None and self.path is not None:
+            try:
+                self.file.close()
+            except OSError:  # its flush failed again (the disk is still full): said already
+                if not self.broken:
+                    raise
         self.file = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -17,7 +17,7 @@ from .maps import MapScorer, check_maps
 from .outputs import CsvOutput, check_outputs, format_value, refuse_foreign_files
 from .protocol import Job, Outcome, Settings
 from .ranks import agree, context, same_command, share, sharded
-from .records import check_first_run, summary, write_json
+from .records import SummaryFile, check_first_run, summary
 
 # Hidden, for tests: a one-process run stops as if interrupted once this many rows are written.
 STOP_AFTER_ENV = "LPIPS_FAST_STOP_AFTER"
@@ -54,22 +54,27 @@ def _plan(job: Job, s: Settings, note) -> tuple:
     listing = job.listing(s, note)
     summary_path = s.summary_path()
     check_outputs({"-o": s.output, "--summary": summary_path}, listing.inputs)
-    refuse_foreign_files(s.output, summary_path, s.resume)
-    out = CsvOutput(s.output, job.header, job.key_columns, getattr(job, "check_row", None))
+    refuse_foreign_files([("-o", None if s.resume else s.output, "csv"),
+                          ("--summary", summary_path, "summary")])
+    out = CsvOutput(s.output, job.header, job.key_columns, getattr(job, "check_row", None),
+                    stream=s.stdout)
     if s.resume and s.output is None:
         raise UsageError("--resume needs an output file (-o FILE)")
-    out.lock()  # an existing file: before it is read (released by out.close, also below)
-    try:
-        return _plan_rest(job, s, note, listing, summary_path, out)
+    record = SummaryFile(summary_path)
+    try:  # existing files: locked before they are read (released by close, also below)
+        out.lock()
+        record.lock()
+        return _plan_rest(job, s, note, listing, record, out)
     except BaseException:
         out.close()
+        record.close()
         raise
 
 
-def _plan_rest(job: Job, s: Settings, note, listing, summary_path, out) -> tuple:
+def _plan_rest(job: Job, s: Settings, note, listing, record, out) -> tuple:
     if s.resume:
         out.read()
-        check_first_run(job.command, s, listing.options, out, summary_path)
+        check_first_run(job.command, s, listing.options, out, record.path)
         # a row that is none of this run's items would be counted in its summary
         expected = set(listing.keys)
         foreign = sorted(out.row_of[k] for k in out.done if k not in expected)
@@ -84,7 +89,7 @@ def _plan_rest(job: Job, s: Settings, note, listing, summary_path, out) -> tuple
     if s.resume and done:
         note(f"resuming: {len(done)} of {len(listing.keys)} {job.unit}s already in {s.output}, "
              f"{todo} to go")
-    return listing, summary_path, out, todo, failures, (work, chunks, maps)
+    return listing, record, out, todo, failures, (work, chunks, maps)
 
 
 def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
@@ -92,13 +97,13 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
     same_command(ctx, job, s)  # before anything is planned or written
 
     def prepare():
-        listing, summary_path, out, todo, failures, shared = _plan(job, s, note)
-        main.update(listing=listing, summary_path=summary_path, out=out, todo=todo,
-                    failures=failures)
+        listing, record, out, todo, failures, shared = _plan(job, s, note)
+        main.update(listing=listing, record=record, out=out, todo=todo, failures=failures)
         return shared
 
     work, chunks, maps = share(ctx, prepare)
     out: CsvOutput | None = main.get("out")
+    record: SummaryFile | None = main.get("record")
     failures: list = main.get("failures", [])
     info = None
     built: list = []  # this rank's scorer, kept even when another rank's failure is raised
@@ -116,13 +121,13 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
                     "options": {**s.options(), **listing.options},
                     "output": None if s.output is None else str(s.output)}
             out.open()
-            if main["summary_path"]:
-                write_json(main["summary_path"], {**info, "complete": False})
+            record.write({**info, "complete": False})
     except BaseException:
         for scorer in built:
             scorer.close()
         if out is not None:
             out.close()
+            record.close()
         raise
     status, message, t0 = "complete", None, time.perf_counter()
     state: dict = {}
@@ -141,9 +146,13 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
     except ShardError as e:
         if not ctx.is_main:
             raise
-        if "raised" in state:
-            raise state["raised"] from None  # rank 0's own writing failed (e.g. a broken pipe)
-        if "stop" in state:
+        raised = state.get("raised")
+        if raised is not None and not _write_refused(raised):
+            raise raised from None  # rank 0's own writing failed (e.g. a broken pipe)
+        if raised is not None:  # a full disk: the rows written are kept, as after a failure
+            status, message = "failed", f"writing {s.output or 'stdout'} failed: " \
+                                        f"{raised.strerror or raised}"
+        elif "stop" in state:
             status, message = "stopped", state["stop"]
         else:
             status, message = "failed", _rank_failure(e, ctx, job, work)
@@ -159,10 +168,22 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
                 seconds=round(time.perf_counter() - t0, 3), complete=status == "complete")
     if ctx.distributed:
         info["ranks"] = ctx.world_size
-    if main["summary_path"]:
-        write_json(main["summary_path"], info)
+    try:
+        record.write(info)
+    except OSError as e:  # a full disk again: the CSV is kept, the summary is its old self
+        status = "failed" if status == "complete" else status
+        message = "; ".join(filter(None, [message, f"writing the summary {record.path} "
+                                                   f"failed: {e.strerror or e}"]))
+    finally:
+        record.close()
     return Outcome(status, out.written, len(out.done), len(main["listing"].keys), failures, info,
-                   message, main["summary_path"], ctx.world_size)
+                   message, record.path, ctx.world_size)
+
+
+def _write_refused(e: BaseException) -> bool:
+    """A write the file system refused (no space, a quota, a size limit, an I/O error), not a
+    reader gone away (a broken pipe: exit 141, said by the command line)."""
+    return isinstance(e, OSError) and not isinstance(e, BrokenPipeError)
 
 
 def _scorer(job, work, model, s, ctx, mine, maps):

@@ -15,7 +15,7 @@ from ..checks import parse_bytes
 class Settings:
     """How a job runs. `summary`: a path, "auto" (next to the CSV: out.csv -> out.summary.json)
     or None (none; then `resume` cannot check the first run's options and refuses)."""
-    output: str | os.PathLike | None = None   # the CSV; None: stdout
+    output: str | os.PathLike | None = None   # the CSV; None or "-": stdout
     summary: str | os.PathLike | None = "auto"
     resume: bool = False
     net: str = "alex"
@@ -33,6 +33,7 @@ class Settings:
     spatial_map: str | os.PathLike | None = None  # a folder of heat maps, one per pair (maps.py)
     map_format: str = "png"                   # png (a heat map with its scale) or npy (values)
     map_max: float | None = None              # the top of every map's colour scale
+    stdout: Any = None                        # where the CSV goes without output (None: sys.stdout)
 
     def options(self) -> dict:
         """The options that change the values: a resumed file must have been made with them."""
@@ -44,13 +45,21 @@ class Settings:
                 "tile-size": self.tile_size,
                 "memory-budget": parse_bytes(self.memory_budget, "--memory-budget")}
 
+    def __post_init__(self):
+        if self.output is not None and os.fspath(self.output) == "-":  # as on a command line
+            self.output = None
+
     def summary_path(self) -> Path | None:
+        """"auto": beside a CSV file; none beside stdout, a device or a pipe (-o /dev/null
+        wrote /dev/null.summary.json)."""
         if self.summary is None or self.summary == "-":
             return None
         if self.summary != "auto":
             return Path(self.summary)
-        return None if self.output is None else Path(self.output).with_name(
-            Path(self.output).stem + ".summary.json")
+        out = None if self.output is None else Path(self.output)
+        if out is None or (out.exists() and not out.is_file()):
+            return None
+        return out.with_name(out.stem + ".summary.json")
 
 
 @dataclass
