@@ -85,3 +85,48 @@ def bapps_loader(root, kind="2afc", batch_size=50, shuffle=False, load_size=64, 
     return torch.utils.data.DataLoader(BAPPSFolder(root, kind, load_size),
                                        batch_size=batch_size, shuffle=shuffle,
                                        num_workers=workers, generator=generator)
+
+
+# --- synthetic data sets (tests, examples, benchmarks) ----------------------------------------
+
+def _smooth_image(rng, size):
+    """A smooth random image with some fine texture, in [0, 1]."""
+    low = rng.random((8, 8, 3))
+    x = np.kron(low, np.ones((-(-size // 8), -(-size // 8), 1)))[:size, :size]
+    return np.clip(x + 0.1 * rng.standard_normal((size, size, 3)), 0, 1)
+
+
+def _distort(rng, x):
+    """Noise, a box blur or a colour shift of random strength: kinds that the network's
+    layers rank differently."""
+    kind, s = rng.integers(3), rng.random()
+    if kind == 0:
+        return x + 0.3 * s * rng.standard_normal(x.shape)
+    if kind == 1:
+        k = 2 + int(3 * s)
+        c = np.cumsum(np.cumsum(np.pad(x, ((k, k), (k, k), (0, 0)), mode="edge"), 0), 1)
+        return (c[k:-k, k:-k] - c[:-2 * k, k:-k] - c[k:-k, :-2 * k]
+                + c[:-2 * k, :-2 * k]) / (2 * k) ** 2
+    return x + 0.4 * s * (rng.random(3) - 0.5)
+
+
+def write_synthetic_2afc(root, n, judge, seed=0, size=64):
+    """Write n synthetic triplets in the BAPPS 2AFC layout under root (which must not hold
+    one): a smooth random ref and two random distortions of it, PNG; judge/ holds 1 where
+    the distance function judge(x0, x1) (images 1 x 3 x H x W in [-1, 1]) finds p1 closer
+    to ref than p0, else 0. Returns root as a Path."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for d in ("ref", "p0", "p1", "judge"):
+        (root / d).mkdir(parents=True)
+    for i in range(n):
+        ref = _smooth_image(rng, size)
+        imgs = [(np.clip(v, 0, 1) * 255).round().astype(np.uint8)
+                for v in (ref, _distort(rng, ref), _distort(rng, ref))]
+        for d, v in zip(("ref", "p0", "p1"), imgs):
+            Image.fromarray(v).save(root / d / f"{i:06d}.png")
+        x = [torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255 * 2 - 1 for v in imgs]
+        with torch.no_grad():
+            d0, d1 = float(judge(x[0], x[1])), float(judge(x[0], x[2]))
+        np.save(root / "judge" / f"{i:06d}.npy", np.array([float(d1 < d0)]))
+    return root

@@ -18,7 +18,7 @@ from PIL import Image
 
 import lpips_fast
 from lpips_fast import calibrate
-from lpips_fast.bapps import BAPPSFolder, load_bapps_image
+from lpips_fast.bapps import BAPPSFolder, load_bapps_image, write_synthetic_2afc as make_2afc
 from lpips_fast.cli import main
 from conftest import IMPLS, real_weights_available
 
@@ -175,47 +175,6 @@ def test_scores_match_official():
 
 
 # --- BAPPS folders ----------------------------------------------------------------------------
-
-def image(rng, size=64):
-    """A smooth random image with some fine texture, in [0, 1]."""
-    low = rng.random((8, 8, 3))
-    x = np.kron(low, np.ones((size // 8, size // 8, 1)))
-    return np.clip(x + 0.1 * rng.standard_normal((size, size, 3)), 0, 1)
-
-
-def distort(rng, x):
-    """Noise, a box blur or a colour shift of random strength: kinds that the network's
-    layers rank differently."""
-    kind, s = rng.integers(3), rng.random()
-    if kind == 0:
-        return x + 0.3 * s * rng.standard_normal(x.shape)
-    if kind == 1:
-        k = 2 + int(3 * s)
-        c = np.cumsum(np.cumsum(np.pad(x, ((k, k), (k, k), (0, 0)), mode="edge"), 0), 1)
-        return (c[k:-k, k:-k] - c[:-2 * k, k:-k] - c[k:-k, :-2 * k] + c[:-2 * k, :-2 * k]) / (2 * k) ** 2
-    return x + 0.4 * s * (rng.random(3) - 0.5)
-
-
-def make_2afc(root, n, teacher, seed):
-    """n triplets in the BAPPS 2AFC layout, judged by `teacher`: judge 1 when it finds p1
-    closer to ref than p0."""
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    for d in ("ref", "p0", "p1", "judge"):
-        (root / d).mkdir(parents=True)
-    for i in range(n):
-        ref = image(rng)
-        imgs = [(np.clip(v, 0, 1) * 255).round().astype(np.uint8)
-                for v in (ref, distort(rng, ref), distort(rng, ref))]
-        for d, v in zip(("ref", "p0", "p1"), imgs):
-            Image.fromarray(v).save(root / d / f"{i:04d}.png")
-        x = [torch.tensor(v / 255., dtype=torch.float32).permute(2, 0, 1)[None] * 2 - 1
-             for v in imgs]
-        with torch.no_grad():
-            d0, d1 = teacher(x[0], x[1]).item(), teacher(x[0], x[2]).item()
-        np.save(root / "judge" / f"{i:04d}.npy", np.array([float(d1 < d0)]))
-    return root
-
 
 def test_bapps_folder_reads_the_official_layout(tmp_path):
     rng = np.random.default_rng(5)
