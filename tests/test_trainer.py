@@ -8,6 +8,7 @@ difference of ~1e-4 (test_parity.py's gradient tolerance) moves it by <= ~1e-4 *
 steps and a 10x margin: 1e-3 * lr * K absolute (plus float32 rounding of the weights, 1e-7).
 """
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -272,3 +273,12 @@ def test_cli_input_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and "no such folder" in err
     assert main(["train", str(tmp_path), "-o", str(tmp_path / "x" / "w.pth"), "-q"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_bench_train_runs(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_train
+    bench_train.main(["--triplets", "2", "--batch-size", "2", "--size", "32", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    # a header and 5 variants, 3 of them compared with their official counterpart
+    assert len(rows) == 6 and sum(r.endswith("x |") for r in rows) == 3
