@@ -216,7 +216,8 @@ def score_2afc_dataset(data_loader, func, name="", progress=None):
 
 def score_jnd_dataset(data_loader, func, name="", progress=None):
     """JND score: the average precision of 'small distance means judged the same'. Returns
-    (score, dict(ds, sames)) as upstream."""
+    (score, dict(ds, sames)) as upstream. func may return N or N x 1 x 1 x 1 distances (both
+    flattened; upstream's only works with N)."""
     ds, sames = [], []
     for data in progress_bar(_batches(data_loader), name, progress):
         ds += _numbers(func(data["p0"], data["p1"]))

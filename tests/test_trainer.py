@@ -136,6 +136,16 @@ def test_bad_use_says_so():
         t.set_input({"ref": 0, "p0": 0, "p1": 0})
 
 
+def test_baseline_models_forward_as_official():
+    ours, theirs = lpips_fast.Trainer(), lpips.Trainer()
+    for t in (ours, theirs):
+        t.initialize(model="L2", colorspace="RGB", use_gpu=False)
+    gen = torch.Generator().manual_seed(7)
+    a, b = (torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1 for _ in range(2))
+    assert ours.name() == theirs.name() == "L2"
+    assert float(ours.forward(a, b)) == pytest.approx(float(theirs.forward(a, b)), rel=1e-6)
+
+
 # --- scoring ----------------------------------------------------------------------------------
 
 class OfficialLoader:
