@@ -346,10 +346,10 @@ def cmd_eval2afc(args) -> int:
                                    _device_name(args), args.batch_size, args.load_size,
                                    args.impl, progress=False if args.quiet else None)
     if args.json:
-        print(json.dumps({"data": str(args.data), "net": args.net, "version": args.version,
-                          "model_path": args.model_path, "triplets": n, "2afc": score}))
+        _say(json.dumps({"data": str(args.data), "net": args.net, "version": args.version,
+                        "model_path": args.model_path, "triplets": n, "2afc": score}))
     else:
-        print(f"2AFC score {score:.4f} on {n} triplets")
+        _say(f"2AFC score {score:.4f} on {n} triplets")
     return 0
 
 
