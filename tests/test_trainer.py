@@ -21,7 +21,7 @@ import lpips_fast
 from lpips_fast import calibrate
 from lpips_fast.bapps import BAPPSFolder, load_bapps_image, write_synthetic_2afc as make_2afc
 from lpips_fast.cli import main
-from conftest import IMPLS, real_weights_available
+from helpers import IMPLS, real_weights_available
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
