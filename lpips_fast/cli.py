@@ -368,12 +368,42 @@ def main(argv=None) -> int:
 def _results_apart(args) -> int:
     """_main with results on the real stdout (_OUT) and anything else printed on stderr."""
     global _OUT
-    _OUT = sys.stdout
-    sys.stdout = sys.stderr
+    real = sys.stdout
+    with _fd1_to_stderr(real) as _OUT:
+        sys.stdout = sys.stderr
+        try:
+            return _main(args)
+        finally:
+            sys.stdout = real
+
+
+@contextlib.contextmanager
+def _fd1_to_stderr(stdout):
+    """Yield the handle results go to. When `stdout` is the process's file descriptor 1, fd 1
+    itself points at stderr meanwhile and results go to a copy of the original: what a C
+    library or a worker process writes to fd 1 (not through sys.stdout) is then a diagnostic
+    too, never mixed into a CSV or JSON on stdout. Elsewhere (stdout replaced in-process, or
+    closed) `stdout` is the handle, and only Python's prints are redirected."""
     try:
-        return _main(args)
+        direct = stdout is sys.__stdout__ and stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        direct = False
+    if not direct:
+        yield stdout
+        return
+    stdout.flush()
+    saved = os.dup(1)
+    os.dup2(sys.stderr.fileno(), 1)
+    out = open(saved, "w", buffering=1 if stdout.line_buffering else -1,
+               encoding=stdout.encoding, errors=stdout.errors)
+    try:
+        yield out
     finally:
-        sys.stdout = _OUT
+        with contextlib.suppress(OSError):  # a closed pipe: nothing more can reach it
+            out.flush()
+        os.dup2(out.fileno(), 1)
+        with contextlib.suppress(OSError):
+            out.close()
 
 
 def _main(args) -> int:

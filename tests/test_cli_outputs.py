@@ -117,6 +117,29 @@ def test_what_a_library_prints_while_models_are_built_is_not_on_stdout(tmp_path,
     assert "Loading weights" in err
 
 
+# What reaches file descriptor 1 without Python's sys.stdout (a C library's printf, torch's own
+# logging, a child process) is only visible in a real process: the fd itself is under test.
+FD1_NOISE = """
+import os, sys
+from lpips_fast import cli, model
+real = model.resolve_backbone
+def noisy(*a, **k):
+    os.write(1, b"written to fd 1 by a library\\n")
+    return real(*a, **k)
+model.resolve_backbone = noisy
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_what_a_library_writes_to_fd_1_is_not_on_stdout(tmp_path):
+    a, b = image(tmp_path / "a.png", 0), image(tmp_path / "b.png", 1)
+    p = subprocess.run([sys.executable, "-c", FD1_NOISE, "pair", str(a), str(b), "--json", *CPU],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["lpips"] > 0, p.stdout
+    assert "written to fd 1 by a library" in p.stderr
+
+
 # --- -o - and -o /dev/null ---------------------------------------------------------------------
 
 def test_dash_output_is_stdout_and_no_file(tmp_path, capsys, monkeypatch):
