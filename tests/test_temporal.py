@@ -1,0 +1,135 @@
+"""Temporal LPIPS (`lpips_fast.tlp`): equal to the direct formula with the model's own forward
+and with the official package, across batch boundaries and any batching of the inputs, tiled
+or not, with 2 backbone passes per frame pair.
+
+Tolerance: tlp computes each frame's features in other batches than a direct forward call
+does, and a float32 convolution may round differently with another batch size (another
+algorithm or blocking); each rounding is 2^-24 ~ 6e-8 relative and a conv output sums up to
+3,456 products (alex's 3x3x384), whose rounding errors grow like their square root, ~60
+roundings, ~4e-6 relative. We allow 1e-5 of the largest value compared (tiling's other
+summation order is of the same kind). A tLP value is a difference of two LPIPS values, so
+its error is measured against the size of those values, not of the (small) difference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lpips_fast
+from helpers import IMPLS, official_like
+
+TOL = 1e-5
+
+
+def video(t, h=64, w=64, seed=None):
+    """A moving random pattern (reference) and a flickering noisy copy (distorted), [-1, 1]."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    base = torch.rand(3, h, w + 2 * t, generator=gen) * 2 - 1
+    ref = torch.stack([base[:, :, 2 * k:2 * k + w] for k in range(t)])
+    noise = torch.randn(t, 3, h, w, generator=gen) * (0.1 + 0.2 * torch.rand(t, 1, 1, 1,
+                                                                            generator=gen))
+    return ref, (ref + noise).clamp(-1, 1)
+
+
+def direct(model, ref, dist):
+    """The formula, one forward call per LPIPS value: (lpips, ref_change, dist_change, tlp)."""
+    with torch.inference_mode():
+        own = model(ref, dist).flatten().double()
+        rc = model(ref[:-1], ref[1:]).flatten().double()
+        dc = model(dist[:-1], dist[1:]).flatten().double()
+    return own, rc, dc, (rc - dc).abs()
+
+
+def check(res, own, rc, dc):
+    t = len(own)
+    assert len(res) == t and res.lpips.dtype == torch.float64
+    assert math.isnan(res.tlp[0]) and math.isnan(res.ref_change[0])
+    scale = max(own.max().item(), rc.max().item(), dc.max().item())
+    assert scale > 0.01  # not a degenerate oracle
+    assert (res.lpips - own).abs().max().item() <= TOL * scale
+    assert (res.ref_change[1:] - rc).abs().max().item() <= TOL * scale
+    assert (res.dist_change[1:] - dc).abs().max().item() <= TOL * scale
+    assert (res.tlp[1:] - (rc - dc).abs()).abs().max().item() <= 2 * TOL * scale
+    assert res.tlp_mean == pytest.approx(float((rc - dc).abs().mean()), abs=2 * TOL * scale)
+    assert res.lpips_mean == pytest.approx(float(own.mean()), abs=TOL * scale)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tlp_equals_the_direct_formula_across_batch_boundaries(impl):
+    model = lpips_fast.LPIPS(verbose=False, impl=impl)
+    ref, dist = video(7)
+    oracle = direct(model, ref, dist)
+    # 7 frames in batches of 3 (two boundaries), of 1, and all at once
+    for bs in (3, 1, 7):
+        check(lpips_fast.tlp(ref, dist, model=model, batch_size=bs), *oracle[:3])
+    # iterables batched differently on each side: single frames against uneven batches
+    uneven = iter([dist[:2], dist[2:6], dist[6:]])
+    check(lpips_fast.tlp(list(ref), uneven, model=model), *oracle[:3])
+
+
+def test_tlp_equals_the_official_package():
+    ours = lpips_fast.LPIPS(verbose=False)
+    theirs = official_like(ours)
+    ref, dist = video(4)
+    with torch.no_grad():
+        own = theirs(ref, dist).flatten().double()
+        rc = torch.cat([theirs(ref[k - 1:k], ref[k:k + 1]).flatten() for k in range(1, 4)])
+        dc = torch.cat([theirs(dist[k - 1:k], dist[k:k + 1]).flatten() for k in range(1, 4)])
+    check(lpips_fast.tlp(ref, dist, model=ours, batch_size=2), own, rc.double(), dc.double())
+
+
+def test_tiled_frames_give_the_same_values():
+    """With tile_size set and frames larger than a tile, each value is a tiled forward."""
+    model = lpips_fast.LPIPS(verbose=False)
+    ref, dist = video(5, 96, 80)
+    oracle = direct(model, ref, dist)
+    tiled = lpips_fast.LPIPS(verbose=False, tile_size=48)
+    check(lpips_fast.tlp(ref, dist, model=tiled, batch_size=2), *oracle[:3])
+    # built by tlp from the same options (the model kept for a second call)
+    check(lpips_fast.tlp(ref, dist, tile_size=48, batch_size=2), *oracle[:3])
+
+
+class Passes:
+    """Counts the images that enter the backbone (its first slice) and the calls."""
+
+    def __init__(self, model):
+        self.images = self.calls = 0
+        model.net.slice1.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.images += args[0].shape[0]
+        self.calls += 1
+
+
+def test_two_backbone_passes_per_frame_pair():
+    model = lpips_fast.LPIPS(verbose=False)
+    count = Passes(model)
+    ref, dist = video(9)
+    direct(model, ref, dist)
+    assert count.images == 9 * 2 + 8 * 2 * 2  # the counter sees the direct formula's 6 / pair
+    count.images = count.calls = 0
+    lpips_fast.tlp(ref, dist, model=model, batch_size=4)
+    assert count.images == 2 * 9      # each frame of each video once
+    assert count.calls == 3           # one pass per batch (ref and dist together)
+
+
+def test_inputs_that_cannot_pair_are_refused_with_one_line():
+    model = lpips_fast.LPIPS(verbose=False)
+    ref, dist = video(4)
+    with pytest.raises(ValueError, match="ref_frames has 4 frames but dist_frames has 3"):
+        lpips_fast.tlp(ref, iter([dist[:2], dist[2:3]]), model=model)
+    with pytest.raises(ValueError, match="T x C x H x W"):
+        lpips_fast.tlp(ref[0], dist[0], model=model)
+    with pytest.raises(ValueError, match="frame 2 is .* but the frames before were"):
+        lpips_fast.tlp([ref[0], ref[1], ref[2, :, :48]], [dist[0], dist[1], dist[2, :, :48]],
+                       model=model)
+    with pytest.raises(ValueError, match="set them on that model"):
+        lpips_fast.tlp(ref, dist, model=model, tile_size=32)
+    with pytest.raises(ValueError, match="no frames"):
+        lpips_fast.tlp(iter([]), iter([]), model=model)
+    with pytest.raises(ValueError, match="spatial=False"):
+        lpips_fast.tlp(ref, dist, model=lpips_fast.LPIPS(verbose=False, spatial=True))
+    one = lpips_fast.tlp(ref[:1], dist[:1], model=model)
+    assert len(one) == 1 and math.isnan(one.tlp_mean) and one.lpips_mean > 0
