@@ -203,6 +203,10 @@ def _report(args, job, o) -> None:
     if info["count"]:
         lines.append(f"LPIPS mean {info['mean']:.6f}  std {info['std']:.6f}  "
                      f"min {info['min']:.6f}  max {info['max']:.6f}  count {info['count']}")
+    t = info.get("tlp")
+    if t and t["count"]:  # as stored (not x100); x100 is what papers usually print
+        lines.append(f"tLP mean {t['mean']:.6f} (x100: {100 * t['mean']:.4f})  std "
+                     f"{t['std']:.6f}  min {t['min']:.6f}  max {t['max']:.6f}  count {t['count']}")
     if o.summary_path:
         lines.append(f"summary -> {o.summary_path}")
     print("\n".join(lines), file=_OUT if args.output else sys.stderr)
@@ -218,7 +222,7 @@ def cmd_allpairs(args) -> int:
 
 def cmd_video(args) -> int:
     _av()  # a missing PyAV is said before any other work
-    return _run_job(args, jobs.VideoJob(args.ref, args.dist))
+    return _run_job(args, jobs.VideoJob(args.ref, args.dist, tlp=args.tlp))
 
 
 # --- bench ------------------------------------------------------------------------------------

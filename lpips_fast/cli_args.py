@@ -230,6 +230,10 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
                                    "one CSV row per frame (frame,time,lpips) and the mean.")
     v.add_argument("ref", help="reference video")
     v.add_argument("dist", help="distorted video")
+    v.add_argument("--tlp", action="store_true",
+                   help="also temporal LPIPS, |LPIPS(ref[t-1], ref[t]) - LPIPS(dist[t-1], "
+                        "dist[t])|: a tlp column (empty for frame 0) and its mean (raw, not "
+                        "x100); each frame still goes through the backbone once")
     model_args(v)
     tiling_args(v)
     size_args(v)

@@ -133,3 +133,96 @@ def test_inputs_that_cannot_pair_are_refused_with_one_line():
         lpips_fast.tlp(ref, dist, model=lpips_fast.LPIPS(verbose=False, spatial=True))
     one = lpips_fast.tlp(ref[:1], dist[:1], model=model)
     assert len(one) == 1 and math.isnan(one.tlp_mean) and one.lpips_mean > 0
+
+
+# --- lpips-fast video --tlp ---------------------------------------------------------------------
+
+def videos(root, t=7, seed=None):
+    """ref.mp4 and dist.mp4 (48 x 64, t frames, fresh random content): a pattern moving by 3
+    pixels a frame, and a copy with noise whose strength changes from frame to frame."""
+    from helpers import write_video
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (48, 64 + 3 * t, 3))
+    ref = [base[:, 3 * k:3 * k + 64].astype(np.uint8) for k in range(t)]
+    dist = [np.clip(f + rng.normal(0, rng.uniform(5, 40), f.shape), 0, 255).astype(np.uint8)
+            for f in ref]
+    write_video(root / "ref.mp4", ref)
+    write_video(root / "dist.mp4", dist)
+    return root / "ref.mp4", root / "dist.mp4"
+
+
+def decoded(ref, dist):
+    """Both videos' frames as the command decodes them."""
+    from lpips_fast.video import VideoPairs
+    v = VideoPairs(ref, dist, "alex")
+    try:
+        _, x0, x1 = v.read(0, v.count)
+    finally:
+        v.close()
+    return x0, x1
+
+
+def test_video_tlp_column_and_summary_equal_the_formula(tmp_path):
+    pytest.importorskip("av")
+    import json
+    from helpers import cli, read_csv
+    ref, dist = videos(tmp_path)
+    out = cli("video", ref, dist, "--tlp", "-o", tmp_path / "v.csv", "--batch-size", "3",
+              "--json", "--device", "cpu", "-q")
+    assert out.returncode == 0, out.stderr
+    rows = read_csv(tmp_path / "v.csv")
+    assert rows[0] == ["frame", "time", "tlp", "lpips"] and len(rows) == 8
+    assert rows[1][2] == "" and all(r[2] != "" for r in rows[2:])
+    own, rc, dc, tl = direct(lpips_fast.LPIPS(verbose=False), *decoded(ref, dist))
+    scale = max(rc.max().item(), dc.max().item(), own.max().item())
+    got_tlp = torch.tensor([float(r[2]) for r in rows[2:]], dtype=torch.float64)
+    got_own = torch.tensor([float(r[3]) for r in rows[1:]], dtype=torch.float64)
+    # the CSV's 8 significant digits add 5e-9 relative
+    assert (got_tlp - tl).abs().max().item() <= 2 * TOL * scale
+    assert (got_own - own).abs().max().item() <= TOL * scale
+    summary = json.loads(out.stdout)
+    assert summary["tlp"]["count"] == 6 and summary["count"] == 7
+    assert summary["tlp"]["mean"] == pytest.approx(float(got_tlp.mean()), rel=1e-12)
+    assert summary["options"]["tlp"] is True
+    text = cli("video", ref, dist, "--tlp", "-o", tmp_path / "w.csv", "--batch-size", "3", "-q")
+    assert f"x100: {100 * summary['tlp']['mean']:.4f}" in text.stdout
+
+
+def test_video_tlp_resumed_and_tiled_runs(tmp_path):
+    """An interrupted run resumed after any number of rows writes the uninterrupted run's
+    bytes (the chunk after the interruption needs the frame before it); a file started
+    without --tlp is not continued with it (nor the other way); --tile-size keeps working."""
+    pytest.importorskip("av")
+    from helpers import cli, cli_many, one_line_error, read_csv
+    ref, dist = videos(tmp_path)
+    common = ("video", ref, dist, "--tlp", "--batch-size", "3", "--device", "cpu", "-q")
+    full = tmp_path / "full.csv"
+    assert cli(*common, "-o", full).returncode == 0
+    stops = (3, 6)  # rows are written a chunk at a time: stopped after chunks 0 and 1
+    stopped = cli_many(*[(*common, "-o", tmp_path / f"p{n}.csv",
+                          {"LPIPS_FAST_STOP_AFTER": str(n)}) for n in stops])
+    assert all(s.returncode == 130 for s in stopped), [s.stderr for s in stopped]
+    resumed = cli_many(*[(*common, "-o", tmp_path / f"p{n}.csv", "--resume") for n in stops])
+    for n, r in zip(stops, resumed):
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / f"p{n}.csv").read_bytes() == full.read_bytes(), n
+    plain = tmp_path / "plain.csv"
+    cli("video", ref, dist, "--batch-size", "3", "-q", "-o", plain,
+        env={"LPIPS_FAST_STOP_AFTER": "3"})
+    mixed = cli(*common, "-o", plain, "--resume")
+    one_line_error(mixed, 2, "cannot resume", "frame,time,tlp,lpips")
+    back = cli("video", ref, dist, "--batch-size", "3", "-q", "-o", tmp_path / "p3.csv",
+               "--resume")
+    one_line_error(back, 2, "cannot resume")
+    tiled = cli(*common, "--tile-size", "32", "-o", tmp_path / "tiled.csv")
+    assert tiled.returncode == 0, tiled.stderr
+    a, b = read_csv(full)[1:], read_csv(tmp_path / "tiled.csv")[1:]
+    terms = lpips_fast.tlp(*decoded(ref, dist))  # the sizes of the values the errors scale with
+    scale = max(terms.lpips.max().item(), terms.ref_change[1:].max().item(),
+                terms.dist_change[1:].max().item())
+    for x, y in zip(a, b):
+        assert x[:2] == y[:2] and (x[2] == "") == (y[2] == "")
+        assert float(y[3]) == pytest.approx(float(x[3]), abs=TOL * scale)
+        if x[2]:
+            assert float(y[2]) == pytest.approx(float(x[2]), abs=2 * TOL * scale)

@@ -101,7 +101,8 @@ class Scorer(Protocol):
 class Job(Protocol):
     """A job kind: only what is its own. A kind is a dataclass (its fields are the options every
     rank must share) and may define `check_row(row) -> str | None`, a further check of a
-    resumed CSV's rows."""
+    resumed CSV's rows, and `summary_columns` ({name: column index}: other numeric columns,
+    summarized under that name like the last column, the value, is at the top level)."""
     command: str          # the command's name, recorded in the summary
     unit: str             # what a row scores: "pair", "frame"
     header: list[str]     # the CSV's columns
