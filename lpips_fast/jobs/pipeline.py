@@ -26,7 +26,7 @@ STOP_AFTER_ENV = "LPIPS_FAST_STOP_AFTER"
 def make_model(s: Settings, device, spatial: bool = False):
     return LPIPS(net=s.net, version=s.version, verbose=False, impl=s.impl,
                  spatial=spatial, precision=s.precision, tile_size=s.tile_size,
-                 memory_budget=s.memory_budget).to(device)
+                 memory_budget=s.memory_budget, model_path=s.model_path).to(device)
 
 
 def stderr_note(message: str) -> None:
