@@ -107,10 +107,9 @@ class TemporalLPIPS:
         own, rc, dc = [], [], []
         for k, (fr, fd) in enumerate(m._features(r, d)):
             own.append(m._layer(k, fr, fd, False)[0])
-            if prev is not None:  # the pair that straddles the batch boundary
-                fr, fd = torch.cat([prev[k][0], fr]), torch.cat([prev[k][1], fd])
-            rc.append(_change(m, k, fr))
-            dc.append(_change(m, k, fd))
+            before = (None, None) if prev is None else prev[k]
+            rc.append(_changes(m, k, before[0], fr))
+            dc.append(_changes(m, k, before[1], fd))
             carry.append((fr[-1:].clone(), fd[-1:].clone()))
         self._feats = carry
         return own, _pad(rc, prev is None), _pad(dc, prev is None)
@@ -134,11 +133,16 @@ class TemporalLPIPS:
         return own, terms[0], terms[1]
 
 
-def _change(m, k, f):
-    """Layer k's LPIPS between consecutive frames of features f (length N - 1)."""
-    if f.shape[0] < 2:  # the video's first frame alone: no pair
+def _changes(m, k, before, f):
+    """Layer k's LPIPS between consecutive frames: the previous batch's last frame `before`
+    (or None) against f[0], then f[i - 1] against f[i]. Two head calls rather than one on a
+    concatenation, whose copy of the batch's features cost more than the heads (CPU)."""
+    values = [] if before is None else [m._layer(k, before, f[:1], False)[0]]
+    if f.shape[0] > 1:
+        values.append(m._layer(k, f[:-1], f[1:], False)[0])
+    if not values:  # the video's first frame alone: no pair
         return f.new_zeros(0, dtype=torch.float32 if f.dtype != torch.float64 else f.dtype)
-    return m._layer(k, f[:-1], f[1:], False)[0]
+    return values[0] if len(values) == 1 else torch.cat(values)
 
 
 def _pad(per_layer: list, first: bool) -> list:
