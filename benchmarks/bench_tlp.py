@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lpips_fast  # noqa: E402
-from common import environment, environment_line, interleaved_times  # noqa: E402
+from common import environment, environment_line, interleaved_times, publish, spread  # noqa: E402,E501
 
 
 def video(t, size, device):
@@ -105,15 +105,10 @@ def main(argv=None):
              "| variant | backbone images | ms (median) | min - max ms | frames/s | time vs "
              "tlp |", "|---|---:|---:|---:|---:|---:|"]
     for name, s in med.items():
-        lo, hi = min(times[name]) * 1e3, max(times[name]) * 1e3
-        lines.append(f"| {name} | {images[name]} | {s * 1e3:.1f} | {lo:.0f} - {hi:.0f} | "
-                     f"{args.frames / s:.1f} | {s / base:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-
+        ms = spread(times[name])
+        lines.append(f"| {name} | {images[name]} | {ms['ms']:.1f} | {ms['min_ms']:.0f} - "
+                     f"{ms['max_ms']:.0f} | {args.frames / s:.1f} | {s / base:.2f}x |")
+    publish(lines, args.out)
 
 if __name__ == "__main__":
     main()

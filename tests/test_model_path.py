@@ -29,6 +29,16 @@ def lins(tmp_path):
     return path
 
 
+def folders(root, n):
+    """d0/ and d1/: n fresh random images im<i>.png and noisy copies."""
+    d0, d1 = root / "d0", root / "d1"
+    d0.mkdir(), d1.mkdir()
+    for i in range(n):
+        a = image(d0 / f"im{i}.png", None)
+        Image.fromarray(noisy(a, None)).save(d1 / f"im{i}.png")
+    return d0, d1
+
+
 def scored(model_path, a, b):
     model = lpips_fast.LPIPS(verbose=False, model_path=model_path)
     with torch.no_grad():
@@ -36,11 +46,7 @@ def scored(model_path, a, b):
 
 
 def test_pair_and_dirs_use_the_weights(tmp_path, lins):
-    d0, d1 = tmp_path / "d0", tmp_path / "d1"
-    d0.mkdir(), d1.mkdir()
-    for i in range(3):
-        a = image(d0 / f"im{i}.png", None)
-        Image.fromarray(noisy(a, None)).save(d1 / f"im{i}.png")
+    d0, d1 = folders(tmp_path, 3)
     pair, dirs, released = cli_many(
         ("pair", d0 / "im0.png", d1 / "im0.png", "--model-path", lins, "--json"),
         ("dirs", d0, d1, "--model-path", lins, "-o", tmp_path / "o.csv", "-q", "--workers", "0"),
@@ -105,11 +111,7 @@ def test_a_bad_file_is_one_line_naming_it_and_nothing_is_written(tmp_path):
 
 
 def test_resume_refuses_other_weights(tmp_path, lins):
-    d0, d1 = tmp_path / "d0", tmp_path / "d1"
-    d0.mkdir(), d1.mkdir()
-    for i in range(4):
-        a = image(d0 / f"im{i}.png", None)
-        Image.fromarray(noisy(a, None)).save(d1 / f"im{i}.png")
+    d0, d1 = folders(tmp_path, 4)
     common = ("dirs", d0, d1, "-q", "--workers", "0", "--batch-size", "2")
     other = tmp_path / "other.pth"
     torch.save({k: v * 2 for k, v in torch.load(lins).items()}, other)
