@@ -155,7 +155,8 @@ def cmd_pair(args) -> int:
 # --- dirs, allpairs, video: the argument layer over lpips_fast.jobs ---------------------------
 
 def _settings(args):
-    _check_budget(args, 2 * args.batch_size)
+    # video --tlp: a batch also runs the frame before it
+    _check_budget(args, 2 * (args.batch_size + bool(getattr(args, "tlp", False))))
     _check_model_path(args)
     return jobs.Settings(
         output=args.output, summary="auto" if args.summary is None else args.summary,

@@ -48,6 +48,12 @@ class TLPResult:
     def __len__(self) -> int:
         return self.lpips.numel()
 
+    @staticmethod
+    def cat(parts) -> "TLPResult":
+        """The results of consecutive `TemporalLPIPS.update` calls as one."""
+        return TLPResult(*(torch.cat([getattr(p, f) for p in parts])
+                           for f in ("lpips", "tlp", "ref_change", "dist_change")))
+
     @property
     def lpips_mean(self) -> float:
         return float(self.lpips.mean()) if len(self) else math.nan
@@ -104,15 +110,22 @@ class TemporalLPIPS:
     def _from_features(self, r, d):
         """One backbone pass over both batches; per layer, the three heads."""
         m, prev, carry = self.model, self._feats, []
+        lead = 0
+        if prev is None and self._last is not None:
+            # The batch before was tiled (a budget tiles larger batches only), so no features
+            # were kept: the previous frame runs again, in this pass.
+            r, d = torch.cat([self._last[0], r]), torch.cat([self._last[1], d])
+            lead = 1
         own, rc, dc = [], [], []
         for k, (fr, fd) in enumerate(m._features(r, d)):
-            own.append(m._layer(k, fr, fd, False)[0])
+            own.append(m._layer(k, fr[lead:], fd[lead:], False)[0])
             before = (None, None) if prev is None else prev[k]
             rc.append(_changes(m, k, before[0], fr))
             dc.append(_changes(m, k, before[1], fd))
             carry.append((fr[-1:].clone(), fd[-1:].clone()))
         self._feats = carry
-        return own, _pad(rc, prev is None), _pad(dc, prev is None)
+        first = self._last is None  # the video's first frame: no temporal terms
+        return own, _pad(rc, first), _pad(dc, first)
 
     def _tiled(self, r, d, tile):
         """Three tiled forwards (tiling holds no frame's features whole)."""
@@ -232,8 +245,7 @@ def tlp(ref_frames, dist_frames, model=None, net="alex", version="0.1", normaliz
             parts.append(state.update(r.to(device), d.to(device)))
     if not parts:
         raise ValueError("ref_frames and dist_frames hold no frames")
-    return TLPResult(*(torch.cat([getattr(p, f) for p in parts])
-                       for f in ("lpips", "tlp", "ref_change", "dist_change")))
+    return TLPResult.cat(parts)
 
 
 _models: dict = {}

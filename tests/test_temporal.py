@@ -91,6 +91,21 @@ def test_tiled_frames_give_the_same_values():
     check(lpips_fast.tlp(ref, dist, tile_size=48, batch_size=2), *oracle[:3])
 
 
+def test_a_video_whose_batches_switch_between_tiled_and_untiled():
+    """A memory budget tiles a large batch but not a small one: the pairs across the switch
+    (tiled -> untiled: no features were kept; untiled -> tiled) are still scored."""
+    model = lpips_fast.LPIPS(verbose=False)
+    ref, dist = video(7, 96, 80)
+    oracle = direct(model, ref, dist)
+    state = lpips_fast.TemporalLPIPS(model)
+    parts = []
+    with torch.inference_mode():
+        for lo, hi, tile in ((0, 3, 48), (3, 5, None), (5, 7, 48)):
+            model.tile_size = tile
+            parts.append(state.update(ref[lo:hi], dist[lo:hi]))
+    check(lpips_fast.TLPResult.cat(parts), *oracle[:3])
+
+
 class Passes:
     """Counts the images that enter the backbone (its first slice) and the calls."""
 
