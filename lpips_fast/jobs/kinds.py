@@ -275,7 +275,7 @@ class _VideoScorer:
         """A chunk with tLP. Every chunk but the first starts from its previous frame, decoded
         and run through the backbone again: the chunk's values then depend on nothing outside
         it, so a resumed or sharded run writes the same bytes as one that ran straight
-        through (2 passes more per chunk)."""
+        through (one more frame per video in the chunk's backbone pass)."""
         first = max(lo - 1, 0)
         times, x0, x1 = self.video.read(first, lo + self.bs)
         dev = self.ctx.device
