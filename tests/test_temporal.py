@@ -209,6 +209,7 @@ def test_video_tlp_resumed_and_tiled_runs(tmp_path):
     bytes (the chunk after the interruption needs the frame before it); a file started
     without --tlp is not continued with it (nor the other way); --tile-size keeps working."""
     pytest.importorskip("av")
+    import json
     from helpers import cli, cli_many, one_line_error, read_csv
     ref, dist = videos(tmp_path)
     common = ("video", ref, dist, "--tlp", "--batch-size", "3", "--device", "cpu", "-q")
@@ -222,6 +223,13 @@ def test_video_tlp_resumed_and_tiled_runs(tmp_path):
     for n, r in zip(stops, resumed):
         assert r.returncode == 0, r.stderr
         assert (tmp_path / f"p{n}.csv").read_bytes() == full.read_bytes(), n
+        summary = json.loads((tmp_path / f"p{n}.summary.json").read_text())
+        assert summary["tlp"] == json.loads((tmp_path / "full.summary.json").read_text())["tlp"]
+    edited = tmp_path / "edited.csv"  # a tLP on frame 0: not a row this command writes
+    lines = (tmp_path / "p3.csv").read_text().splitlines(keepends=True)
+    edited.write_text("".join([lines[0], lines[1].replace("0,0,,", "0,0,0.5,")] + lines[2:4]))
+    (tmp_path / "edited.summary.json").write_bytes((tmp_path / "p3.summary.json").read_bytes())
+    one_line_error(cli(*common, "-o", edited, "--resume"), 2, "row 2", "empty for frame 0 only")
     plain = tmp_path / "plain.csv"
     cli("video", ref, dist, "--batch-size", "3", "-q", "-o", plain,
         env={"LPIPS_FAST_STOP_AFTER": "3"})
