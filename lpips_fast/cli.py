@@ -222,15 +222,18 @@ def _report(args, job, o) -> None:
              + (f" on {o.ranks} ranks" if o.ranks > 1 else "")
              + (f" -> {args.output}" if args.output else "")]
     if info["count"]:
-        lines.append(f"LPIPS mean {info['mean']:.6f}  std {info['std']:.6f}  "
-                     f"min {info['min']:.6f}  max {info['max']:.6f}  count {info['count']}")
+        lines.append(_stats_line("LPIPS", info))
     t = info.get("tlp")
-    if t and t["count"]:  # as stored (not x100); x100 is what papers usually print
-        lines.append(f"tLP mean {t['mean']:.6f} (x100: {100 * t['mean']:.4f})  std "
-                     f"{t['std']:.6f}  min {t['min']:.6f}  max {t['max']:.6f}  count {t['count']}")
+    if t and t["count"]:  # as stored, with the x100 figure papers print
+        lines.append(_stats_line("tLP", t, f" (x100: {100 * t['mean']:.4f})"))
     if o.summary_path:
         lines.append(f"summary -> {o.summary_path}")
     print("\n".join(lines), file=_OUT if args.output else sys.stderr)
+
+
+def _stats_line(label: str, st: dict, after_mean: str = "") -> str:
+    return (f"{label} mean {st['mean']:.6f}{after_mean}  std {st['std']:.6f}  "
+            f"min {st['min']:.6f}  max {st['max']:.6f}  count {st['count']}")
 
 
 def cmd_dirs(args) -> int:
