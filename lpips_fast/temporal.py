@@ -65,8 +65,9 @@ class TLPResult:
 
 class TemporalLPIPS:
     """The streaming state of a tLP computation: feed consecutive frames with `update(ref,
-    dist)` (prepared or not: raw N x C x H x W frames as the model's forward takes them); it
-    returns those frames' values and keeps the last frame for the next call. A fresh object
+    dist)` (N x C x H x W frames as the model's forward takes them, in [-1, 1], or [0, 1]
+    with normalize=True); it returns those frames' values and keeps the last frame for the
+    next call (`TLPResult.cat` joins the results). A fresh object
     (or `reset()`) starts a new video: its first frame has no temporal terms (NaN).
     The model runs as it is (its precision, head, weights, device); call under
     torch.inference_mode() unless gradients are wanted."""

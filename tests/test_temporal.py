@@ -69,6 +69,16 @@ def test_tlp_equals_the_direct_formula_across_batch_boundaries(impl):
     check(lpips_fast.tlp(list(ref), uneven, model=model), *oracle[:3])
 
 
+def test_normalize_takes_frames_in_0_1():
+    model = lpips_fast.LPIPS(verbose=False)
+    ref, dist = video(4)
+    a = lpips_fast.tlp(ref, dist, model=model)
+    b = lpips_fast.tlp((ref + 1) / 2, (dist + 1) / 2, model=model, normalize=True)
+    scale = max(a.lpips.max().item(), a.ref_change[1:].max().item())
+    assert (a.lpips - b.lpips).abs().max().item() <= TOL * scale  # (x + 1) / 2 * 2 - 1 rounds
+    assert (a.tlp[1:] - b.tlp[1:]).abs().max().item() <= 2 * TOL * scale
+
+
 def test_tlp_equals_the_official_package():
     ours = lpips_fast.LPIPS(verbose=False)
     theirs = official_like(ours)
