@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lpips_fast  # noqa: E402
 from lpips_fast.bapps import bapps_loader, write_synthetic_2afc  # noqa: E402
-from common import environment, environment_line, interleaved_times  # noqa: E402
+from common import environment, environment_line, interleaved_times, publish  # noqa: E402
 
 
 NOTE = ("The official Trainer wraps the images in Variables with requires_grad=True, so its "
@@ -122,12 +122,7 @@ def main(argv=None):
         lo, hi = min(times[name]) * 1e3, max(times[name]) * 1e3
         lines.append(f"| {name} | {s * 1e3:.1f} | {lo:.0f} - {hi:.0f} | "
                      f"{args.triplets / s:.1f} | {vs} |")
-    lines += ["", NOTE]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines + ["", NOTE], args.out)
 
 
 if __name__ == "__main__":

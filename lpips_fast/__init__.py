@@ -10,6 +10,7 @@ from .metric import LPIPSMetric
 from .functional import lpips
 from .model import LPIPS, NetLinLayer, ScalingLayer
 from .pairwise import diversity, pairwise, pairwise_rows
+from .temporal import TLPResult, TemporalLPIPS, tlp
 from .weights import WeightsNotFound
 from . import trainer
 from .trainer import Trainer, score_2afc_dataset, score_jnd_dataset
@@ -25,5 +26,6 @@ _OFFICIAL = ["LPIPS", "ScalingLayer", "NetLinLayer", "Dist2LogitLayer", "BCERank
             "upsample", "print_network", "Trainer", "score_2afc_dataset",
             "score_jnd_dataset", "trainer"]
 __all__ = _OFFICIAL + ["lpips", "WeightsNotFound", "Embedding", "embedding_distance", "pairwise",
-                      "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric"]
+                      "pairwise_rows", "diversity", "cuda_graphed", "LPIPSMetric",
+                      "tlp", "TemporalLPIPS", "TLPResult"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ from lpips_fast.examples import distortions, reference_image
 from lpips_fast.cli_args import NETS, build_bench_all_parser, build_parser
 from lpips_fast.heatmap import map_format, save_image, save_map
 from lpips_fast.io import load_pair, resize, to_tensor
+from lpips_fast.model import read_lins
 from lpips_fast.tiling import tile_for_budget
 from lpips_fast.video import _av
 
@@ -54,8 +55,23 @@ def _err(msg: str) -> None:
 def _model(args, device, spatial: bool = False):
     settings = jobs.Settings(net=args.net, version=args.version, impl=args.impl,
                              precision=args.precision, tile_size=getattr(args, "tile_size", None),
-                             memory_budget=getattr(args, "memory_budget", None))
+                             memory_budget=getattr(args, "memory_budget", None),
+                             model_path=getattr(args, "model_path", None))
     return jobs.make_model(settings, device, spatial)
+
+
+def _check_model_path(args) -> None:
+    """A --model-path that is no lin weight file of --net is said in one line naming it,
+    before any work (the model would only meet it once the inputs are listed and read)."""
+    path = getattr(args, "model_path", None)
+    if path is None:
+        return
+    try:
+        read_lins(path, args.net)
+    except ValueError as e:
+        raise UsageError(f"--model-path {e}") from None
+    except OSError as e:
+        raise UsageError(f"--model-path {path}: {e.strerror or e}") from None
 
 
 def _check_budget(args, images: int) -> None:
@@ -102,6 +118,7 @@ def cmd_weights(args) -> int:
 def cmd_pair(args) -> int:
     dev = resolve_device(args.device)
     _check_budget(args, 2)
+    _check_model_path(args)
     jobs.check_outputs({"--spatial-map": args.spatial_map}, [args.a, args.b])
     if args.spatial_map:  # an unwritable suffix is said now, not after the scoring
         try:
@@ -116,7 +133,8 @@ def cmd_pair(args) -> int:
     with torch.inference_mode():
         d = model(x0.to(dev), x1.to(dev)).item()
     result = {"a": str(args.a), "b": str(args.b), "net": args.net, "version": args.version,
-              "precision": args.precision, "size": [size[1], size[0]], "lpips": d}
+              "precision": args.precision, "model_path": args.model_path,
+              "size": [size[1], size[0]], "lpips": d}
     if args.spatial_map:
         out = Path(args.spatial_map)
         with torch.inference_mode():
@@ -137,14 +155,17 @@ def cmd_pair(args) -> int:
 # --- dirs, allpairs, video: the argument layer over lpips_fast.jobs ---------------------------
 
 def _settings(args):
-    _check_budget(args, 2 * args.batch_size)
+    # video --tlp: a batch also runs the frame before it
+    _check_budget(args, 2 * (args.batch_size + bool(getattr(args, "tlp", False))))
+    _check_model_path(args)
     return jobs.Settings(
         output=args.output, summary="auto" if args.summary is None else args.summary,
         resume=getattr(args, "resume", False), net=args.net, version=args.version,
         precision=args.precision, impl=args.impl, resize=args.resize, resample=args.resample,
         device=args.device, batch_size=args.batch_size, workers=getattr(args, "workers", 0),
         progress=False if args.quiet else None, tile_size=args.tile_size,
-        memory_budget=args.memory_budget, spatial_map=getattr(args, "spatial_map", None),
+        memory_budget=args.memory_budget, model_path=args.model_path,
+        spatial_map=getattr(args, "spatial_map", None),
         map_format=getattr(args, "map_format", "png"), map_max=getattr(args, "map_max", None),
         stdout=_OUT)
 
@@ -201,11 +222,18 @@ def _report(args, job, o) -> None:
              + (f" on {o.ranks} ranks" if o.ranks > 1 else "")
              + (f" -> {args.output}" if args.output else "")]
     if info["count"]:
-        lines.append(f"LPIPS mean {info['mean']:.6f}  std {info['std']:.6f}  "
-                     f"min {info['min']:.6f}  max {info['max']:.6f}  count {info['count']}")
+        lines.append(_stats_line("LPIPS", info))
+    t = info.get("tlp")
+    if t and t["count"]:  # as stored, with the x100 figure papers print
+        lines.append(_stats_line("tLP", t, f" (x100: {100 * t['mean']:.4f})"))
     if o.summary_path:
         lines.append(f"summary -> {o.summary_path}")
     print("\n".join(lines), file=_OUT if args.output else sys.stderr)
+
+
+def _stats_line(label: str, st: dict, after_mean: str = "") -> str:
+    return (f"{label} mean {st['mean']:.6f}{after_mean}  std {st['std']:.6f}  "
+            f"min {st['min']:.6f}  max {st['max']:.6f}  count {st['count']}")
 
 
 def cmd_dirs(args) -> int:
@@ -218,7 +246,7 @@ def cmd_allpairs(args) -> int:
 
 def cmd_video(args) -> int:
     _av()  # a missing PyAV is said before any other work
-    return _run_job(args, jobs.VideoJob(args.ref, args.dist))
+    return _run_job(args, jobs.VideoJob(args.ref, args.dist, tlp=args.tlp))
 
 
 # --- bench ------------------------------------------------------------------------------------
@@ -324,6 +352,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval2afc(args) -> int:
     from lpips_fast import calibrate
+    _check_model_path(args)
     score, n = calibrate.eval_2afc(args.data, args.net, args.version, args.model_path,
                                    _device_name(args), args.batch_size, args.load_size,
                                    args.impl, progress=False if args.quiet else None)

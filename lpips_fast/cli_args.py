@@ -110,7 +110,7 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def model_args(sp, precision=True):
+    def model_args(sp, lins=True):
         g = sp.add_argument_group("model")
         g.add_argument("--net", choices=NETS, default="alex", help="backbone (default alex)")
         g.add_argument("--version", choices=["0.1", "0.0"], default="0.1")
@@ -120,6 +120,11 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
                        help="LPIPS head: fused kernels or the PyTorch reference (default auto)")
         g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="backbone precision (fp32 exact; bf16/fp16 faster on GPUs)")
+        if lins:
+            g.add_argument("--model-path", metavar="PTH",
+                           help="lin weights to use instead of the released ones, e.g. "
+                                "written by `lpips-fast train` (what LPIPS(model_path=...) "
+                                "loads)")
 
     def tiling_args(sp, note=""):
         g = sp.add_argument_group("large images (exact tiling, lpips_fast.tiling)")
@@ -174,7 +179,7 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="score a built-in synthetic example (no files needed)",
                        description="Score a synthetic 256x256 image against 7 distortions.")
-    model_args(d)
+    model_args(d, lins=False)
     d.add_argument("--save", metavar="DIR",
                    help="also save the images and their heat maps in DIR")
     d.set_defaults(func=commands["demo"])
@@ -230,6 +235,10 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
                                    "one CSV row per frame (frame,time,lpips) and the mean.")
     v.add_argument("ref", help="reference video")
     v.add_argument("dist", help="distorted video")
+    v.add_argument("--tlp", action="store_true",
+                   help="also temporal LPIPS, |LPIPS(ref[t-1], ref[t]) - LPIPS(dist[t-1], "
+                        "dist[t])|: a tlp column (empty for frame 0) and its mean (raw, not "
+                        "x100); each frame still goes through the backbone once")
     model_args(v)
     tiling_args(v)
     size_args(v)

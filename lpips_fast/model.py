@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import checks, reference, tiling
-from .backbones import Backbone, canonical
+from .backbones import NETS, Backbone, canonical
 # check_images, parse_bytes: also imported from here (their home before checks.py)
 from .checks import check_images, nan_if_too_small, parse_bytes  # noqa: F401
 from .weights import lin_weights_path, load_lin_weights, resolve_backbone
@@ -21,6 +21,29 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Inputs up to this many pixels per image take the all-layer head (one launch) even without
 # autograd: their features are small, so keeping all layers alive costs little memory.
 ONE_LAUNCH_MAX_PIXELS = 256 * 256
+
+
+def read_lins(path, net: str) -> list[torch.Tensor]:
+    """The lin layers' weights of `net` from a file (a released set, `lpips-fast train`'s
+    output, a Trainer's or LPIPS's state_dict: keys `linK.model.*.weight`), one tensor per
+    layer. A file that is not one is a one-line ValueError naming it."""
+    sd = load_lin_weights(path)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: not a lin weight file (it holds a {type(sd).__name__}, "
+                         "not a state_dict)")
+    out = []
+    for k, c in enumerate(NETS[canonical(net)][2]):
+        matches = [v for key, v in sd.items() if isinstance(key, str)
+                   and key.startswith(f"lin{k}.model.") and key.endswith(".weight")]
+        if len(matches) != 1 or not isinstance(matches[0], torch.Tensor):
+            raise ValueError(f"{path}: not a lin weight file of LPIPS (expected one tensor "
+                             f"'lin{k}.model.*.weight', found {len(matches)})")
+        if matches[0].numel() != c:
+            raise ValueError(f"{path}: lin{k} has {matches[0].numel()} channel weights, but "
+                             f"{canonical(net)}'s layer {k + 1} has {c} channels (lin weights "
+                             "of another net?)")
+        out.append(matches[0])
+    return out
 
 
 class ScalingLayer(nn.Module):
@@ -228,18 +251,10 @@ class LPIPS(nn.Module):
     def _load_lins(self, path, verbose):
         if verbose:
             print(f"Loading model from: {path}")
-        sd = load_lin_weights(path)
-        for k, lin in enumerate(self.lins):
-            matches = [v for key, v in sd.items()
-                       if key.startswith(f"lin{k}.model.") and key.endswith(".weight")]
-            if len(matches) != 1:
-                raise KeyError(f"{path}: expected one weight for lin{k}, found {len(matches)}")
-            if matches[0].numel() != lin.weight.numel():
-                raise ValueError(f"{path}: lin{k} has {matches[0].numel()} channel weights, but "
-                                 f"{self.pnet_type}'s layer {k + 1} has {lin.weight.numel()} "
-                                 "channels (lin weights of another net?)")
-            with torch.no_grad():
-                lin.weight.copy_(matches[0].reshape(lin.weight.shape))
+        found = read_lins(path, self.pnet_type)
+        with torch.no_grad():
+            for lin, w in zip(self.lins, found):
+                lin.weight.copy_(w.reshape(lin.weight.shape))
 
     # --- forward -----------------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ class VideoPairs:
         self._it0 = self._raw(self.ref, self._c0, self._s0)
         self._it1 = self._raw(self.dist, self._c1, self._s1)
         self._pos = 0
+        self._last = None  # (time, ref, dist) of frame _pos - 1
 
     @staticmethod
     def _raw(path, container, stream):
@@ -138,26 +139,32 @@ class VideoPairs:
 
     def read(self, lo: int, hi: int):
         """(times, ref batch, dist batch) of frames lo..hi-1 (N x 3 x H x W at the scoring
-        size). Calls must not go backwards."""
+        size). Calls must not go backwards, except that the last frame read is kept and can
+        be read again (a temporal score's chunk starts with its previous frame)."""
+        hi = min(hi, self.count)
+        frames = []
+        if self._last is not None and lo == self._pos - 1 < hi:
+            frames.append(self._last)
+            lo += 1
         if lo < self._pos:
             raise ValueError(f"frames are read in order: {lo} was already passed")
-        hi = min(hi, self.count)
         while self._pos < lo:
             self._next()
-        times, b0, b1 = [], [], []
         while self._pos < hi:
             f0, f1 = self._next()
-            times.append(float(f0.pts * self._s0.time_base) if f0.pts is not None
-                         else float("nan"))
-            b0.append(resize(self._tensor(f0, self._s0), self.size, self.resample))
-            b1.append(resize(self._tensor(f1, self._s1), self.size, self.resample))
+            time = float(f0.pts * self._s0.time_base) if f0.pts is not None else float("nan")
+            frames.append((time, resize(self._tensor(f0, self._s0), self.size, self.resample),
+                           resize(self._tensor(f1, self._s1), self.size, self.resample)))
+        if frames:
+            self._last = frames[-1]
         if hi == self.count:  # the last frames: both streams must end here
             extra0 = sum(1 for _ in self._it0)
             extra1 = sum(1 for _ in self._it1)
             if extra0 != extra1:
                 raise UsageError(f"{self.ref} has {hi + extra0} frames but {self.dist} has "
                                  f"{hi + extra1}: frame-by-frame scoring needs the same number")
-        return times, torch.stack(b0), torch.stack(b1)
+        times, b0, b1 = zip(*frames)
+        return list(times), torch.stack(b0), torch.stack(b1)
 
     def close(self):
         for c in (getattr(self, "_c0", None), getattr(self, "_c1", None)):

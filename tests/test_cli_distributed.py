@@ -99,6 +99,9 @@ def test_two_ranks_write_the_single_process_csv(data):
         "dirs": ("dirs", data / "ref", data / "dist", "--batch-size", "2", "--workers", "1"),
         "allpairs": ("allpairs", data / "pool", "--batch-size", "2", "--workers", "0"),
         "video": ("video", data / "ref.mp4", data / "dist.mp4", "--batch-size", "2"),
+        # tLP: each rank's chunks start from their previous frame, which the other rank scored
+        "video-tlp": ("video", data / "ref.mp4", data / "dist.mp4", "--batch-size", "2",
+                      "--tlp"),
     }
     singles = {k: plain(*job, "-o", data / f"{k}1.csv", "-q") for k, job in jobs.items()}
     for name, job in jobs.items():
@@ -109,8 +112,8 @@ def test_two_ranks_write_the_single_process_csv(data):
         a, b = (data / f"{name}1.csv").read_bytes(), (data / f"{name}2.csv").read_bytes()
         assert a == b, name
         lines = a.decode().splitlines()
-        assert len(lines) == 1 + {"dirs": 7, "allpairs": 28, "video": 7}[name]
-        assert ("7 frames" if name == "video" else "on 2 ranks") in two.stdout
+        assert len(lines) == 1 + {"dirs": 7, "allpairs": 28, "video": 7, "video-tlp": 7}[name]
+        assert ("7 frames" if name.startswith("video") else "on 2 ranks") in two.stdout
         assert two.stdout.count("LPIPS mean") == 1  # rank 0 alone reports
         if name == "allpairs":
             assert "failed: 8 of 36 pairs" in one.stderr and "failed: 8 of 36" in two.stderr

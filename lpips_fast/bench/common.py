@@ -155,6 +155,16 @@ def spread(seconds) -> dict:
             "max_ms": ms[-1], "rounds": len(ms)}
 
 
+def publish(lines: list, out=None) -> str:
+    """A results table: its lines joined, printed, and written to the file `out` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
 def two_panels():
     """A figure with two side-by-side axes, or (None, None) without matplotlib."""
     try:

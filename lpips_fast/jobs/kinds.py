@@ -13,7 +13,9 @@ import torch
 from ..errors import UsageError
 from ..folders import (AllPairsScorer, Pair, all_pairs, list_images, match_by_name, pair_loader,
                        plan_allpairs, plan_pairs, score_batch)
+from ..temporal import TemporalLPIPS
 from ..video import VideoPairs
+from .outputs import format_value
 from .protocol import Listing
 
 MAX_LISTED = 20
@@ -199,13 +201,19 @@ class _AllPairsScorer:
 @dataclass
 class VideoJob:
     """Two videos scored frame by frame: rows frame,time,lpips (time in seconds of the
-    reference frame)."""
+    reference frame). tlp=True adds the temporal LPIPS of each frame against the one before
+    (`lpips_fast.temporal`): rows frame,time,tlp,lpips, tlp empty for frame 0."""
     ref: str | os.PathLike
     dist: str | os.PathLike
+    tlp: bool = False
     command = "video"
     unit = "frame"
-    header = ["frame", "time", "lpips"]
     key_columns = 1
+
+    def __post_init__(self):
+        self.header = ["frame", "time", "tlp", "lpips"] if self.tlp else ["frame", "time", "lpips"]
+        # summarized like the lpips column (empty cells skipped), in the summary's "tlp"
+        self.summary_columns = {"tlp": 2} if self.tlp else {}
 
     def listing(self, s, note) -> Listing:
         video = VideoPairs(self.ref, self.dist, s.net, s.resize, s.resample)  # checks both
@@ -213,7 +221,8 @@ class VideoJob:
         keys = [(str(i),) for i in range(video.count)]
         return Listing(keys, [Path(self.ref), Path(self.dist)],
                        {"ref": str(self.ref), "dist": str(self.dist)},
-                       {"ref": os.path.realpath(self.ref), "dist": os.path.realpath(self.dist)})
+                       {"ref": os.path.realpath(self.ref), "dist": os.path.realpath(self.dist),
+                        "tlp": self.tlp})
 
     def plan(self, listing, done, s):
         n = len(listing.keys)
@@ -226,12 +235,20 @@ class VideoJob:
         n, bs = work
         return [(str(i),) for i in range(c * bs, min(n, (c + 1) * bs))]
 
-    @staticmethod
-    def check_row(row):
+    def check_row(self, row):
         try:
-            int(row[0]), float(row[1])
+            frame, _ = int(row[0]), float(row[1])
         except ValueError:
             return f"{row[0]!r}, {row[1]!r} is not a frame number and a time"
+        if self.tlp and (row[2] == "") != (frame == 0):
+            return f"frame {frame} has tlp {row[2]!r} (empty for frame 0 only)"
+        if self.tlp and frame:
+            try:
+                v = float(row[2])
+            except ValueError:
+                v = -1.0
+            if not math.isfinite(v) or v < 0:
+                return f"{row[2]!r} is not a tLP value"
         return None
 
     def scorer(self, work, model, s, ctx, mine):
@@ -241,15 +258,35 @@ class VideoJob:
 class _VideoScorer:
     def __init__(self, job, work, model, s, ctx):
         (self.n, self.bs), self.model, self.ctx = work, model, ctx
+        self.tlp = job.tlp
         self.video = VideoPairs(job.ref, job.dist, s.net, s.resize, s.resample)
 
     def compute(self, c):
-        times, x0, x1 = self.video.read(c * self.bs, (c + 1) * self.bs)
+        lo = c * self.bs
+        if self.tlp:
+            return self._temporal(lo), []
+        times, x0, x1 = self.video.read(lo, lo + self.bs)
         with torch.inference_mode():
             d = self.model(x0.to(self.ctx.device), x1.to(self.ctx.device))
         vals = d.flatten().float().cpu().tolist()
-        return [([str(c * self.bs + k), f"{times[k]:.6g}"], v, None)
-                for k, v in enumerate(vals)], []
+        return [([str(lo + k), f"{times[k]:.6g}"], v, None) for k, v in enumerate(vals)], []
+
+    def _temporal(self, lo):
+        """A chunk with tLP. Every chunk but the first starts from its previous frame, decoded
+        and run through the backbone again: the chunk's values then depend on nothing outside
+        it, so a resumed or sharded run writes the same bytes as one that ran straight
+        through (one more frame per video in the chunk's backbone pass)."""
+        first = max(lo - 1, 0)
+        times, x0, x1 = self.video.read(first, lo + self.bs)
+        dev = self.ctx.device
+        with torch.inference_mode():
+            res = TemporalLPIPS(self.model).update(x0.to(dev), x1.to(dev))
+        rows = []
+        for k in range(lo - first, len(times)):
+            t = res.tlp[k].item()
+            rows.append(([str(first + k), f"{times[k]:.6g}",
+                          "" if math.isnan(t) else format_value(t)], res.lpips[k].item(), None))
+        return rows
 
     def close(self):
         self.video.close()

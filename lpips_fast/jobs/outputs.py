@@ -70,7 +70,8 @@ def check_outputs(outputs: dict, inputs=()) -> None:
 
 
 # The first line of every CSV a job writes: an existing -o that starts otherwise is not ours.
-HEADERS = ("name,lpips\n", "name0,name1,lpips\n", "a,b,lpips\n", "frame,time,lpips\n")
+HEADERS = ("name,lpips\n", "name0,name1,lpips\n", "a,b,lpips\n", "frame,time,lpips\n",
+           "frame,time,tlp,lpips\n")
 
 
 def _csv_problem(path: Path) -> str | None:
@@ -184,15 +185,20 @@ def _first_foreign_row(text: str, rows: list) -> int:
 class CsvOutput:
     """The job's CSV: `read()` validates a file to resume (nothing is changed), `open()` creates
     or continues it, `write()` appends rows and flushes. `path=None` writes to `stream` (None:
-    sys.stdout when the file is opened)."""
+    sys.stdout when the file is opened). The last column is the LPIPS value (`values`);
+    `columns` names other numeric columns (name -> index) whose non-empty cells are kept in
+    `column_values` for the summary, from resumed and new rows alike."""
 
-    def __init__(self, path, header: list[str], key_columns: int, check_row=None, stream=None):
+    def __init__(self, path, header: list[str], key_columns: int, check_row=None, stream=None,
+                 columns: dict | None = None):
         self.path = Path(path) if path is not None else None
         self.stream = stream
         self.header, self.nkey, self.check_row = header, key_columns, check_row
         self.done: set = set()
         self.row_of: dict = {}  # a resumed row's key -> its row number (1 = the header)
         self.values: list[float] = []
+        self.columns = dict(columns or {})
+        self.column_values: dict = {name: [] for name in self.columns}
         self.written = 0
         self.file = None
         self.existing, self._cut = False, None  # read() found a file to continue
@@ -249,7 +255,7 @@ class CsvOutput:
                                  f"({', '.join(key)}); the file is unchanged")
             self.row_of[key] = i
             self.done.add(key)
-            self.values.append(float(row[-1]))
+            self._keep(row)
         self._cut = len(good.encode("utf-8", NAME_ERRORS)) if rest else None
         self.existing = True
 
@@ -290,8 +296,16 @@ class CsvOutput:
         except OSError:  # a full disk: the rows that did not fit stay in the buffer
             self.broken = True
             raise
-        self.values.extend(float(r[-1]) for r in rows)
+        for r in rows:
+            self._keep(r)
         self.written += len(rows)
+
+    def _keep(self, row) -> None:
+        """A row's values for the summary, read from its text (resumed rows are only text)."""
+        self.values.append(float(row[-1]))
+        for name, i in self.columns.items():
+            if row[i] != "":
+                self.column_values[name].append(float(row[i]))
 
     def close(self) -> None:
         if self.file is not None and self.path is not None:

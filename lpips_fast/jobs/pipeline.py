@@ -26,7 +26,7 @@ STOP_AFTER_ENV = "LPIPS_FAST_STOP_AFTER"
 def make_model(s: Settings, device, spatial: bool = False):
     return LPIPS(net=s.net, version=s.version, verbose=False, impl=s.impl,
                  spatial=spatial, precision=s.precision, tile_size=s.tile_size,
-                 memory_budget=s.memory_budget).to(device)
+                 memory_budget=s.memory_budget, model_path=s.model_path).to(device)
 
 
 def stderr_note(message: str) -> None:
@@ -57,7 +57,7 @@ def _plan(job: Job, s: Settings, note) -> tuple:
     refuse_foreign_files([("-o", None if s.resume else s.output, "csv"),
                           ("--summary", summary_path, "summary")])
     out = CsvOutput(s.output, job.header, job.key_columns, getattr(job, "check_row", None),
-                    stream=s.stdout)
+                    stream=s.stdout, columns=getattr(job, "summary_columns", None))
     if s.resume and s.output is None:
         raise UsageError("--resume needs an output file (-o FILE)")
     record = SummaryFile(summary_path)
@@ -162,6 +162,7 @@ def _run(job: Job, s: Settings, ctx: Context, note) -> Outcome | None:
     if not ctx.is_main:
         return None
     stats = summary(out.values)
+    stats.update({name: summary(v) for name, v in out.column_values.items()})
     unit = job.unit
     info.update(stats, scored_now=out.written, resumed=len(out.done),
                 failed=[{unit: list(k), "error": e} for k, e in failures],

@@ -30,6 +30,7 @@ class Settings:
     progress: bool | None = False             # a tqdm bar on stderr; None: when it is a terminal
     tile_size: int | None = None              # the model's exact tiling (lpips_fast.tiling)
     memory_budget: int | str | None = None    # bytes or '1GiB'; the model's tile choice
+    model_path: str | os.PathLike | None = None  # lin weights (LPIPS(model_path=...))
     spatial_map: str | os.PathLike | None = None  # a folder of heat maps, one per pair (maps.py)
     map_format: str = "png"                   # png (a heat map with its scale) or npy (values)
     map_max: float | None = None              # the top of every map's colour scale
@@ -40,10 +41,14 @@ class Settings:
         # Tiling changes the values only by float rounding (the summation order), but a resumed
         # file keeps one order. A budget is compared in bytes ('1GiB' is '1024MiB'); files
         # whose summary predates these keys read them as None: untiled, as they were.
+        # Lin weights: the file (resolved) and its content's digest, so that weights trained
+        # again into the same file are not mixed in either; None without --model-path.
+        path = None if self.model_path is None else os.path.realpath(self.model_path)
         return {"net": self.net, "version": self.version, "precision": self.precision,
                 "resize": self.resize, "resample": self.resample,
                 "tile-size": self.tile_size,
-                "memory-budget": parse_bytes(self.memory_budget, "--memory-budget")}
+                "memory-budget": parse_bytes(self.memory_budget, "--memory-budget"),
+                "model-path": path, "model-sha256": None if path is None else _digest(path)}
 
     def __post_init__(self):
         if self.output is not None and os.fspath(self.output) == "-":  # as on a command line
@@ -60,6 +65,16 @@ class Settings:
         if out is None or (out.exists() and not out.is_file()):
             return None
         return out.with_name(out.stem + ".summary.json")
+
+
+def _digest(path: str) -> str | None:
+    """The file's SHA-256, or None where it cannot be read (its model then fails to build,
+    with one line naming it)."""
+    from ..weights import sha256
+    try:
+        return sha256(path)
+    except OSError:
+        return None
 
 
 @dataclass
@@ -101,7 +116,8 @@ class Scorer(Protocol):
 class Job(Protocol):
     """A job kind: only what is its own. A kind is a dataclass (its fields are the options every
     rank must share) and may define `check_row(row) -> str | None`, a further check of a
-    resumed CSV's rows."""
+    resumed CSV's rows, and `summary_columns` ({name: column index}: other numeric columns,
+    summarized under that name like the last column, the value, is at the top level)."""
     command: str          # the command's name, recorded in the summary
     unit: str             # what a row scores: "pair", "frame"
     header: list[str]     # the CSV's columns
