@@ -34,27 +34,11 @@ import torch.nn.functional as F
 import lpips_fast
 from lpips_fast import _conv_ops, _ops
 from lpips_fast.backbones import BACKBONE_ENV
-from helpers import randomize_lins
-from emu import emu_error, emu_ops  # noqa: F401  (builds and registers lpips_fast_emu)
+from helpers import DEVICES, conv_ns, conv_ops, make_conv as make, randomize_lins, same_layout
 
-HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
-DEVICES = ["cpu", "emu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA device")])]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def tdev(device):
-    return "cpu" if device == "emu" else device
-
-
-def conv_ops(device):
-    """torch.ops namespace under test on `device`."""
-    if device == "emu":
-        assert emu_ops is not None, f"the CUDA emulation did not build: {emu_error}"
-        return torch.ops.lpips_fast_emu
-    return torch.ops.lpips_fast
 
 
 @pytest.fixture(autouse=True)
@@ -73,26 +57,6 @@ CASES = [
     (2, 6, 3, 3, 9, 3, (1, 1), (0, 0)),
     (0, 4, 5, 5, 3, 3, (1, 1), (1, 1)),
 ]
-
-
-def make(case, dtype, device, layout, seed=0, requires_grad=False):
-    n, cin, h, w, cout, k, stride, padding = case
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64)
-    wt = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64) / (cin * k * k) ** 0.5
-    b = torch.randn(cout, generator=g, dtype=torch.float64) * 0.5  # ~half the outputs > 0
-    x, wt, b = (t.to(dtype=dtype, device=tdev(device)) for t in (x, wt, b))
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-        wt = wt.contiguous(memory_format=torch.channels_last)
-    for t in (x, wt, b):
-        t.requires_grad_(requires_grad)
-    return x, wt, b, list(stride), list(padding)
-
-
-def same_layout(a, b):
-    """Equal strides where they matter (a dimension of size 1 has any stride)."""
-    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
 def definition(x, wt, b, stride, padding):
@@ -180,7 +144,7 @@ def test_autograd_equals_eager(device, wants):
     x, wt, b, stride, padding = make(CASES[1], torch.float32, device, "channels_last")
     for t, want in zip((x, wt, b), wants):
         t.requires_grad_(want)
-    ns = "lpips_fast_emu" if device == "emu" else "lpips_fast"
+    ns = conv_ns(device)
     out = _conv_ops.conv_bias_relu(x, wt, b, stride, padding, ns=ns)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
     inputs = [t for t in (x, wt, b) if t.requires_grad]
@@ -197,7 +161,7 @@ def test_autograd_equals_eager(device, wants):
 @pytest.mark.parametrize("device", ["cpu", "emu"])
 def test_gradcheck_and_second_order(device):
     x, wt, b, stride, padding = make(CASES[0], torch.float64, device, "nchw", requires_grad=True)
-    ns = "lpips_fast_emu" if device == "emu" else "lpips_fast"
+    ns = conv_ns(device)
 
     def fn(x, wt, b):
         return _conv_ops.conv_bias_relu(x, wt, b, stride, padding, ns=ns)

@@ -396,5 +396,6 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem,
 // The kernels and host code, exactly as the GPU build compiles them.
 #include "../cuda/head_cuda.cu"
 #include "../cuda/conv_cuda.cu"
+#include "../cuda/conv_pool_cuda.cu"
 
 TORCH_LIBRARY(lpips_fast_emu, m) { lpips_fast::define_schemas(m); }
