@@ -279,20 +279,26 @@ def test_model_trainable_backbone_gets_all_gradients():
 
 
 def count_fused_calls(model, *args, fn=None):
-    """How many times the backbone called the fused op while running fn (default: model)."""
+    """How many conv + ReLU pairs the backbone ran through the fused ops while running fn
+    (default: model): conv_bias_relu, and conv_bias_relu_pool (a pair with its max-pool)."""
     calls = []
-    real = _conv_ops.conv_bias_relu
+    names = ("conv_bias_relu", "conv_bias_relu_pool")
+    real = {name: getattr(_conv_ops, name) for name in names}
 
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def counting(name):
+        def wrapper(*a, **k):
+            calls.append(name)
+            return real[name](*a, **k)
+        return wrapper
 
-    _conv_ops.conv_bias_relu = counting
     try:
+        for name in names:
+            setattr(_conv_ops, name, counting(name))
         with torch.no_grad():
             (fn or model)(*args)
     finally:
-        _conv_ops.conv_bias_relu = real
+        for name in names:
+            setattr(_conv_ops, name, real[name])
     return len(calls)
 
 
@@ -357,4 +363,5 @@ def test_compile_fullgraph_fused(net):
     v_c, g_c = value_and_grad(compiled, x0, x1)
     v_e, g_e = value_and_grad(eager, x0, x1)
     assert any("conv_bias_relu" in g for g in graphs)
+    assert any("conv_bias_relu_pool" in g for g in graphs)  # (both nets have a fused pool)
     assert_model_close(v_c, g_c, v_e, g_e)
