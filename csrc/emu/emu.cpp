@@ -1,5 +1,5 @@
 // The CPU emulation of the CUDA kernels: the fiber runtime declared in cuda_emu.h, and the
-// real csrc/cuda/head_cuda.cu (kernels and host code) compiled against it, registered as
+// real csrc/cuda/*.cu (kernels and host code) compiled against it, registered as
 // torch.ops.lpips_fast_emu.* on the CPU. Built by the tests (tests/emu.py), not shipped.
 #include "cuda_emu.h"
 
