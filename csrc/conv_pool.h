@@ -205,6 +205,23 @@ inline at::MemoryFormat format_of(const at::Tensor& dense) {
   return dense.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
 }
 
+// The kernels' arguments from the host tensors (dense, one layout; see the ops below).
+template <typename T>
+PoolFwdArgs<T> pool_fwd_args(const at::Tensor& y, const at::Tensor& out, const at::Tensor& pooled,
+                             const at::Tensor& bias, const PoolShape& p) {
+  return {y.const_data_ptr<T>(), out.mutable_data_ptr<T>(), pooled.mutable_data_ptr<T>(),
+          bias.const_data_ptr<T>(), dense4(y), dense4(pooled), p};
+}
+
+template <typename T>
+PoolBwdArgs<T> pool_bwd_args(const at::Tensor& out, const std::optional<at::Tensor>& grad_out,
+                             const at::Tensor& grad_pooled, const at::Tensor& g,
+                             const PoolShape& p) {
+  return {out.const_data_ptr<T>(), grad_out ? grad_out->const_data_ptr<T>() : nullptr,
+          grad_pooled.const_data_ptr<T>(), g.mutable_data_ptr<T>(), dense4(out),
+          dense4(grad_pooled), p};
+}
+
 // The op entry points; `fwd` and `bwd` launch the device's kernel.
 using PoolFwdFn = void (*)(const at::Tensor& y, const at::Tensor& out, const at::Tensor& pooled,
                            const at::Tensor& bias, const PoolShape& p);

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 import lpips_fast
 from lpips_fast import _conv_ops, _ops
 from lpips_fast.backbones import BACKBONE_ENV
-from helpers import DEVICES, conv_ns, conv_ops, make_conv as make, randomize_lins, same_layout
+from helpers import (DEVICES, assert_second_order_equal, conv_ns, conv_ops, fused_op_calls,
+                     make_conv as make, randomize_lins, same_layout)
 
 pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -170,14 +171,9 @@ def test_gradcheck_and_second_order(device):
     assert fn(x, wt, b).detach().abs().add((fn(x, wt, b) == 0).double()).min() > 1e-4
     assert torch.autograd.gradcheck(fn, (x, wt, b))
     assert torch.autograd.gradgradcheck(fn, (x, wt, b))
-    # second order equals eager's (create_graph runs eager's differentiable formulas)
-    g1 = torch.autograd.grad(fn(x, wt, b).square().sum(), (x, wt), create_graph=True)
-    e1 = torch.autograd.grad(F.conv2d(x, wt, b, stride, padding).relu().square().sum(), (x, wt),
-                             create_graph=True)
-    g2 = torch.autograd.grad(g1[0].square().sum() + g1[1].sum(), (x, wt, b))
-    e2 = torch.autograd.grad(e1[0].square().sum() + e1[1].sum(), (x, wt, b))
-    for a, e in zip(g2, e2):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_second_order_equal(lambda *a: fn(*a).square().sum(),
+                              lambda *a: F.conv2d(*a, stride, padding).relu().square().sum(),
+                              x, wt, b)
 
 
 @pytest.mark.parametrize("ns", ["lpips_fast", "lpips_fast_emu"])
@@ -281,25 +277,7 @@ def test_model_trainable_backbone_gets_all_gradients():
 def count_fused_calls(model, *args, fn=None):
     """How many conv + ReLU pairs the backbone ran through the fused ops while running fn
     (default: model): conv_bias_relu, and conv_bias_relu_pool (a pair with its max-pool)."""
-    calls = []
-    names = ("conv_bias_relu", "conv_bias_relu_pool")
-    real = {name: getattr(_conv_ops, name) for name in names}
-
-    def counting(name):
-        def wrapper(*a, **k):
-            calls.append(name)
-            return real[name](*a, **k)
-        return wrapper
-
-    try:
-        for name in names:
-            setattr(_conv_ops, name, counting(name))
-        with torch.no_grad():
-            (fn or model)(*args)
-    finally:
-        for name in names:
-            setattr(_conv_ops, name, real[name])
-    return len(calls)
+    return sum(fused_op_calls(lambda: (fn or model)(*args)).values())
 
 
 def test_switch_env_attribute_and_errors(monkeypatch):

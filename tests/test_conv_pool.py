@@ -26,12 +26,11 @@ from torch import nn
 import lpips_fast
 from lpips_fast import _conv_ops, _ops, backbones
 from lpips_fast.backbones import BACKBONE_ENV
-from helpers import (DEVICES, conv_ns, conv_ops, make_conv, randomize_lins, same_layout,
-                     tdev)
+from helpers import (DEVICES, assert_second_order_equal, conv_ns, conv_ops, fused_op_calls,
+                     make_conv, randomize_lins, same_layout, tdev)
 
 pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-OP_NAMES = ("conv_bias_relu", "conv_bias_relu_pool")
 
 
 @pytest.fixture(autouse=True)
@@ -239,13 +238,8 @@ def test_gradcheck_and_second_order(device):
     def loss(outs):
         return outs[0].square().sum() + outs[1].pow(3).sum()
 
-    g1 = torch.autograd.grad(loss(fn(x, wt, b)), (x, wt), create_graph=True)
-    e1 = torch.autograd.grad(loss(definition(x, wt, b, stride, padding, pool)), (x, wt),
-                             create_graph=True)
-    g2 = torch.autograd.grad(g1[0].square().sum() + g1[1].sum(), (x, wt, b))
-    e2 = torch.autograd.grad(e1[0].square().sum() + e1[1].sum(), (x, wt, b))
-    for a, e in zip(g2, e2):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_second_order_equal(lambda *a: loss(fn(*a)),
+                              lambda *a: loss(definition(*a, stride, padding, pool)), x, wt, b)
 
 
 @pytest.mark.parametrize("ns", ["lpips_fast", "lpips_fast_emu"])
@@ -279,28 +273,6 @@ def test_bad_inputs_raise_one_line():
 
 
 # ------------------------------------------------------------------ in the fused backbone
-def count_calls(fn):
-    """{op name: calls} of the fused ops (lpips_fast._conv_ops) while fn runs."""
-    calls = dict.fromkeys(OP_NAMES, 0)
-    real = {name: getattr(_conv_ops, name) for name in OP_NAMES}
-
-    def counting(name):
-        def wrapper(*a, **k):
-            calls[name] += 1
-            return real[name](*a, **k)
-        return wrapper
-
-    try:
-        for name in OP_NAMES:
-            setattr(_conv_ops, name, counting(name))
-        with torch.no_grad():
-            fn()
-    finally:
-        for name in OP_NAMES:
-            setattr(_conv_ops, name, real[name])
-    return calls
-
-
 def fused_model(net, seed=0):
     torch.manual_seed(seed)
     m = randomize_lins(lpips_fast.LPIPS(net=net, pnet_rand=True, verbose=False))
@@ -315,7 +287,7 @@ def test_backbone_fuses_each_pool_after_a_conv(net, want):
     the ReLU outputs (the whole model against eager: tests/test_backbone_fused.py)."""
     model = fused_model(net)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    assert tuple(count_calls(lambda: model(x, x.flip(0))).values()) == want
+    assert tuple(fused_op_calls(lambda: model(x, x.flip(0))).values()) == want
     net_ = model.net
     with torch.no_grad():
         fused = net_(x)
@@ -336,7 +308,7 @@ def test_unsupported_pools_fall_back():
     pools[3].register_forward_hook(lambda *a: None)
     for pool in pools:
         got = {}
-        calls = count_calls(lambda: got.update(r=backbones._conv_relu_pool(conv, relu, pool, x)))
+        calls = fused_op_calls(lambda: got.update(r=backbones._conv_relu_pool(conv, relu, pool, x)))
         assert calls == {"conv_bias_relu": 1, "conv_bias_relu_pool": 0}, pool
         tap = relu(conv(x))
         assert torch.allclose(got["r"][0], tap, atol=1e-6)
@@ -344,7 +316,7 @@ def test_unsupported_pools_fall_back():
         for a, e in zip(*(t if isinstance(t, tuple) else (t,) for t in (got["r"][1], want))):
             assert torch.equal(a, e)
     supported = nn.MaxPool2d(3, 2)
-    assert count_calls(lambda: backbones._conv_relu_pool(conv, relu, supported, x)) == {
+    assert fused_op_calls(lambda: backbones._conv_relu_pool(conv, relu, supported, x)) == {
         "conv_bias_relu": 0, "conv_bias_relu_pool": 1}
     with pytest.raises(RuntimeError, match="Output size is too small"):  # eager's own error
         backbones._conv_relu_pool(conv, relu, nn.MaxPool2d(3, 2), x[:, :, :2])

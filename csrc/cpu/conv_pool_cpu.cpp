@@ -17,9 +17,7 @@ constexpr int64_t kPoolGrain = 4096;
 void pool_fwd_cpu(const at::Tensor& y, const at::Tensor& out, const at::Tensor& pooled,
                   const at::Tensor& bias, const PoolShape& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bias_relu_pool_cpu", [&] {
-    const PoolFwdArgs<scalar_t> a{y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                  pooled.mutable_data_ptr<scalar_t>(),
-                                  bias.const_data_ptr<scalar_t>(), dense4(y), dense4(pooled), p};
+    const auto a = pool_fwd_args<scalar_t>(y, out, pooled, bias, p);
     at::parallel_for(0, pooled.numel(), kPoolGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         pool_fwd_element<scalar_t, at::opmath_type<scalar_t>>(a, i);
@@ -30,11 +28,7 @@ void pool_fwd_cpu(const at::Tensor& y, const at::Tensor& out, const at::Tensor& 
 void pool_bwd_cpu(const at::Tensor& out, const std::optional<at::Tensor>& grad_out,
                   const at::Tensor& grad_pooled, const at::Tensor& g, const PoolShape& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bias_relu_pool_backward_cpu", [&] {
-    const PoolBwdArgs<scalar_t> a{
-        out.const_data_ptr<scalar_t>(),
-        grad_out ? grad_out->const_data_ptr<scalar_t>() : nullptr,
-        grad_pooled.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), dense4(out),
-        dense4(grad_pooled), p};
+    const auto a = pool_bwd_args<scalar_t>(out, grad_out, grad_pooled, g, p);
     at::parallel_for(0, out.numel(), kPoolGrain, [&](int64_t begin, int64_t end) {
       // window gradients summed in the dtype, as ATen's CPU max-pool backward does
       for (int64_t i = begin; i < end; ++i) pool_bwd_element<scalar_t, scalar_t>(a, i);

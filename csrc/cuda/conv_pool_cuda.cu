@@ -36,9 +36,7 @@ void pool_fwd_cuda(const at::Tensor& y, const at::Tensor& out, const at::Tensor&
                    const at::Tensor& bias, const PoolShape& p) {
   const DeviceGuard guard(y.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bias_relu_pool_cuda", [&] {
-    const PoolFwdArgs<scalar_t> a{y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                  pooled.mutable_data_ptr<scalar_t>(),
-                                  bias.const_data_ptr<scalar_t>(), dense4(y), dense4(pooled), p};
+    const auto a = pool_fwd_args<scalar_t>(y, out, pooled, bias, p);
     launch(pool_fwd_kernel<scalar_t>, "pool_fwd_kernel", ew_grid(pooled.numel(), 1), kEwThreads,
            0, current_stream(), a, pooled.numel());
   });
@@ -48,11 +46,7 @@ void pool_bwd_cuda(const at::Tensor& out, const std::optional<at::Tensor>& grad_
                    const at::Tensor& grad_pooled, const at::Tensor& g, const PoolShape& p) {
   const DeviceGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bias_relu_pool_backward_cuda", [&] {
-    const PoolBwdArgs<scalar_t> a{
-        out.const_data_ptr<scalar_t>(),
-        grad_out ? grad_out->const_data_ptr<scalar_t>() : nullptr,
-        grad_pooled.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), dense4(out),
-        dense4(grad_pooled), p};
+    const auto a = pool_bwd_args<scalar_t>(out, grad_out, grad_pooled, g, p);
     launch(pool_bwd_kernel<scalar_t>, "pool_bwd_kernel", ew_grid(out.numel(), 1), kEwThreads, 0,
            current_stream(), a, out.numel());
   });
