@@ -48,7 +48,8 @@ def conv_layers(net, size):
         if kind == "conv":
             cin, cout, k, st, p = a
             after = specs[i + 2] if i + 2 < len(specs) else ("none",)
-            out.append((i, cin, cout, k, st, p, s, tuple(after[1:]) if after[0] == "pool" else None))
+            pool = tuple(after[1:]) if after[0] == "pool" else None
+            out.append((i, cin, cout, k, st, p, s, pool))
             s = (s + 2 * p - k) // st + 1
         elif kind == "pool":
             k, st, ceil = a

@@ -266,8 +266,9 @@ ConvGrads op_conv_bias_relu_pool_backward(
                                  grad_out->scalar_type() == o.scalar_type() &&
                                  grad_out->device() == o.device())),
               "lpips_fast conv_bias_relu_pool_backward: grad_pooled (", grad_pooled.sizes(), ", ",
-              grad_pooled.scalar_type(), ", ", grad_pooled.device(), ") must be ", at::IntArrayRef(sizes), " and "
-              "grad_out (if given) ", o.sizes(), ", both ", o.scalar_type(), " on ", x.device());
+              grad_pooled.scalar_type(), ", ", grad_pooled.device(), ") must be ",
+              at::IntArrayRef(sizes), " and grad_out (if given) ", o.sizes(), ", both ",
+              o.scalar_type(), " on ", x.device());
   std::optional<at::Tensor> gr;
   if (has_grad)
     gr = grad_out->strides() == o.strides() ? *grad_out : grad_out->contiguous(format_of(o));

@@ -18,7 +18,8 @@ csrc/cuda/conv_cuda.cu): fake kernels, autograd, the autocast-aware wrapper.
 
 Autograd returns every gradient that is asked for (input, weight, bias). A backward that
 records a graph (create_graph=True) runs eager's own differentiable formulas
-(threshold_backward, max_pool2d_with_indices_backward, convolution_backward), so second-order gradients are eager's.
+(threshold_backward, max_pool2d_with_indices_backward, convolution_backward), so
+second-order gradients are eager's.
 Not supported through these ops, the backbone takes its eager modules there instead
 (lpips_fast.backbones): torch.func transforms (vmap, grad, jacrev, ...) and forward-mode AD
 (register_autograd's function is rejected under torch.func), graphs recorded for export.

@@ -19,8 +19,8 @@ from torch.nn.modules.utils import _pair
 # How the backbone runs each conv + ReLU pair: "eager" (its modules: conv with bias, ReLU) or
 # "fused" (lpips_fast._conv_ops: bias-free conv, one bias + ReLU pass; its backward one mask
 # pass + one convolution_backward; a pair followed by a max-pool also computes the pool in
-# that pass, its backward the pool's, the mask and + the tap's gradient in one). The default stays "eager" until a GPU run has measured
-# which wins (benchmarks/bench_backbone.py, benchmarks/GPU_NOTES.md "Fused backbone"); on the
+# that pass, and its backward the pool's, the mask and + the tap's gradient in one). The
+# default stays "eager" until a GPU run has measured which wins (benchmarks/bench_backbone.py, benchmarks/GPU_NOTES.md "Fused backbone"); on the
 # CPU eager already fuses the bias into oneDNN's convolution, so "fused" only adds a pass.
 BACKBONE_IMPLS = ("eager", "fused")
 BACKBONE_ENV = "LPIPS_FAST_BACKBONE"
@@ -117,7 +117,7 @@ def _pool_fusable(pool: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> bool:
     k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
     for d in (0, 1):
         y = (x.shape[2 + d] + 2 * conv.padding[d] - conv.kernel_size[d]) // conv.stride[d] + 1
-        if y < k[d]:  # (a ceil-mode window must start inside; one at 0 does when y >= 1)
+        if y < k[d]:  # no whole window (ceil mode may still have one: eager pools it)
             return False
     return True
 

@@ -167,7 +167,8 @@ def test_ties_pick_the_first_element_and_nan_the_last(device, dtype):
     b = torch.tensor([-0.5, 0.75, float("nan")], dtype=dtype, device=x.device)
     pool = ([3, 3], [2, 2], True)
     out, pooled = run(device, x, wt, b, [1, 1], [0, 0], pool)
-    assert torch.equal(pooled[0, :2], torch.tensor([0.0, 0.75]).view(2, 1, 1).expand(2, 4, 4).to(pooled))
+    want_pooled = torch.tensor([0.0, 0.75]).view(2, 1, 1).expand(2, 4, 4)
+    assert torch.equal(pooled[0, :2], want_pooled.to(pooled))
     assert pooled[0, 2].isnan().all()
     gp = torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).to(pooled) + 1
     (gw,) = torch.autograd.grad(pooled, wt, gp)
@@ -318,5 +319,10 @@ def test_unsupported_pools_fall_back():
     supported = nn.MaxPool2d(3, 2)
     assert fused_op_calls(lambda: backbones._conv_relu_pool(conv, relu, supported, x)) == {
         "conv_bias_relu": 0, "conv_bias_relu_pool": 1}
+    no_bias = nn.Conv2d(3, 5, 3, padding=1, bias=False)  # a pair the fused ops do not take
+    got = {}
+    assert fused_op_calls(lambda: got.update(r=backbones._conv_relu_pool(
+        no_bias, relu, supported, x))) == {"conv_bias_relu": 0, "conv_bias_relu_pool": 0}
+    assert torch.equal(got["r"][1], supported(relu(no_bias(x))))
     with pytest.raises(RuntimeError, match="Output size is too small"):  # eager's own error
         backbones._conv_relu_pool(conv, relu, nn.MaxPool2d(3, 2), x[:, :, :2])
