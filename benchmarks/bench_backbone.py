@@ -2,6 +2,10 @@
 """Per conv layer of alex and vgg: eager conv + bias + ReLU against the fused op
 (lpips_fast._conv_ops: bias-free conv + one epilogue; backward: one mask pass + one
 convolution_backward), forward and forward+backward (input gradient only, frozen weights).
+A conv followed by a max-pool (the pool that starts the next slice) runs with it in every
+variant, and a third variant, "fused+pool", computes the pool in the conv's epilogue
+(conv_bias_relu_pool; backward: one pass for pool, mask and the tap's gradient); the
+backward then gets a gradient at both outputs, as in LPIPS (the tap feeds the head).
 
 Each layer runs at the shapes the benchmark cases give it (a pair in one pass: batch 2N).
 The variants run round by round in a shuffled order (common.interleaved_times, so clock and
@@ -36,13 +40,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def conv_layers(net, size):
-    """(index, cin, cout, kernel, stride, padding, input size) of every conv of `net`."""
+    """(index, cin, cout, kernel, stride, padding, input size, pool) of every conv of `net`;
+    pool: (kernel, stride, ceil_mode) of the max-pool after its ReLU, else None."""
     specs, _, _, _ = NETS[net]
     out, s = [], size
     for i, (kind, *a) in enumerate(specs):
         if kind == "conv":
             cin, cout, k, st, p = a
-            out.append((i, cin, cout, k, st, p, s))
+            after = specs[i + 2] if i + 2 < len(specs) else ("none",)
+            pool = tuple(after[1:]) if after[0] == "pool" else None
+            out.append((i, cin, cout, k, st, p, s, pool))
             s = (s + 2 * p - k) // st + 1
         elif kind == "pool":
             k, st, ceil = a
@@ -52,7 +59,7 @@ def conv_layers(net, size):
 
 def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
     """Median seconds {(impl, 'fwd'|'fwdbwd'): s} for one conv layer."""
-    _, cin, cout, k, st, p, s = layer
+    _, cin, cout, k, st, p, s, pool = layer
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, cin, s, s, generator=g).to(device, dtype).contiguous(memory_format=fmt)
@@ -60,9 +67,16 @@ def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
     w = w.contiguous(memory_format=fmt)
     b = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
     impls = {
-        "eager": lambda x: F.relu(F.conv2d(x, w, b, st, p), inplace=True),
-        "fused": lambda x: _conv_ops.conv_bias_relu(x, w, b, (st, st), (p, p)),
+        "eager": lambda x: (F.relu(F.conv2d(x, w, b, st, p), inplace=True),),
+        "fused": lambda x: (_conv_ops.conv_bias_relu(x, w, b, (st, st), (p, p)),),
     }
+    if pool is not None:  # the tap and the next slice's pooled input
+        def pooled(f):
+            return lambda x: (lambda out: (out, F.max_pool2d(out, pool[0], pool[1],
+                                                             ceil_mode=pool[2])))(f(x)[0])
+        impls = {impl: pooled(f) for impl, f in impls.items()}
+        impls["fused+pool"] = lambda x: _conv_ops.conv_bias_relu_pool(
+            x, w, b, (st, st), (p, p), (pool[0],) * 2, (pool[1],) * 2, pool[2])
     xg = x.detach().requires_grad_(True)
     runs = {}
     for impl, f in impls.items():
@@ -72,8 +86,8 @@ def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
         runs[(impl, "fwd")] = fwd
         if backward:
             def fb(f=f):
-                out = f(xg)
-                torch.autograd.grad(out, xg, torch.ones_like(out))
+                outs = f(xg)
+                torch.autograd.grad(outs, xg, [torch.ones_like(o) for o in outs])
             runs[(impl, "fwdbwd")] = fb
     # the project's one timing loop: warm-up (cuDNN's algorithm choice, the allocator), then
     # rounds running every variant once in a shuffled order
@@ -97,21 +111,29 @@ def main(argv=None):
     if gpu:
         torch.backends.cudnn.benchmark = False  # the model's default: heuristics pick
         warm_gpu(device)
-    lines = [f"# conv + bias + ReLU: eager vs fused, {device_name(device)}, {args.dtype}, "
-             f"{'NCHW' if args.nchw else 'channels_last'}, medians of {reps} (ms)", "",
-             "| case | layer | x shape | k/s/p | eager fwd | fused fwd | x | "
-             "eager fwd+bwd | fused fwd+bwd | x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# conv + bias + ReLU [+ max-pool]: eager vs fused vs fused+pool, "
+             f"{device_name(device)}, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}, "
+             f"medians of {reps} (ms; x: eager's time over the variant's)", "",
+             "| case | layer | x shape | k/s/p, pool | eager fwd | fused fwd | x | fused+pool fwd "
+             "| x | eager fwd+bwd | fused fwd+bwd | x | fused+pool fwd+bwd | x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for net, n, size, backward in (GPU_CASES if gpu else CPU_CASES):
         total = {}
         for layer in conv_layers(net, size):
             t = bench_layer(layer, 2 * n, DTYPES[args.dtype], device, not args.nchw, backward, reps)
-            for key, v in t.items():
-                total[key] = total.get(key, 0.0) + v
+            for (impl, kind), v in t.items():
+                total[(impl, kind)] = total.get((impl, kind), 0.0) + v
+                if impl == "fused":  # the fused backbone: fused+pool where a pool follows
+                    v = t.get(("fused+pool", kind), v)
+                    total[("fused+pool", kind)] = total.get(("fused+pool", kind), 0.0) + v
+            ksp = f"{layer[3]}/{layer[4]}/{layer[5]}"
+            if layer[7] is not None:
+                ksp += ", {}/{}{}".format(*layer[7][:2], " ceil" if layer[7][2] else "")
             lines.append(_row(f"{net} {n}x{size}", f"features.{layer[0]}",
-                              f"{2 * n}x{layer[1]}x{layer[6]}x{layer[6]}",
-                              f"{layer[3]}/{layer[4]}/{layer[5]}", t))
+                              f"{2 * n}x{layer[1]}x{layer[6]}x{layer[6]}", ksp, t))
             print(lines[-1], flush=True)
-        lines.append(_row(f"{net} {n}x{size}", "**all convs**", "", "", total))
+        lines.append(_row(f"{net} {n}x{size}", "**all convs**", "", "(fused+pool: the "
+                          "fused backbone)", total))
         print(lines[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
@@ -119,14 +141,18 @@ def main(argv=None):
 
 
 def _row(case, layer, shape, ksp, t):
-    def ms(key):
-        return f"{t[key] * 1e3:.3f}" if key in t else "-"
+    """A table row: eager's time, then each fused variant's with eager's over it (x)."""
+    def cells(kind):
+        out = [_ms(t.get(("eager", kind)))]
+        for impl in ("fused", "fused+pool"):
+            v = t.get((impl, kind))
+            out += [_ms(v), f"{t[('eager', kind)] / v:.2f}" if v else "-"]
+        return out
+    return "| " + " | ".join([case, layer, shape, ksp] + cells("fwd") + cells("fwdbwd")) + " |"
 
-    def ratio(kind):
-        return f"{t[('eager', kind)] / t[('fused', kind)]:.2f}" if ("fused", kind) in t else "-"
-    return (f"| {case} | {layer} | {shape} | {ksp} | {ms(('eager', 'fwd'))} | "
-            f"{ms(('fused', 'fwd'))} | {ratio('fwd')} | {ms(('eager', 'fwdbwd'))} | "
-            f"{ms(('fused', 'fwdbwd'))} | {ratio('fwdbwd')} |")
+
+def _ms(v):
+    return f"{v * 1e3:.3f}" if v is not None else "-"
 
 
 if __name__ == "__main__":

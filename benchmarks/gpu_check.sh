@@ -13,7 +13,8 @@
 # Phases (each step has its own time limit, its status goes to the summary table):
 #   1. build the extension in place (TORCH_CUDA_ARCH_LIST=9.0)
 #   2. correctness, in parallel (no timings here): CUDA tests, compute-sanitizer memcheck,
-#      racecheck and synccheck of every head-kernel path (small case), memory.py (peak memory
+#      racecheck and synccheck of every head-kernel path (small case), memcheck of the fused
+#      backbone's kernels (their CUDA op tests), memory.py (peak memory
 #      is per process, so the concurrency leaves it exact; its times are not), precision.py
 #   3. timings, one at a time on a quiet GPU: bench_head.py (fp32 NCHW, channels_last, bf16),
 #      profile_kernels.py (vgg 2048 forward per kernel, fp32/bf16, the first conv padded to 8
@@ -108,12 +109,18 @@ if [ $BUILD_RC -eq 0 ]; then
   XDIST=""
   $PYTHON -c "import xdist" 2>/dev/null && XDIST="-n 4"
   step pytest-cuda 240 $PYTHON -m pytest -m cuda tests/test_kernels.py tests/test_cuda_model.py \
-    tests/test_func.py tests/test_metric.py tests/test_backbone_fused.py \
+    tests/test_func.py tests/test_metric.py tests/test_backbone_fused.py tests/test_conv_pool.py \
     -q -p no:cacheprovider $XDIST &
   for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 240 "$SAN" --tool $tool --error-exitcode 1 \
       $PYTHON benchmarks/bench_head.py --memcheck-case --device cuda &
   done
+  # The fused backbone's kernels (bias + ReLU epilogue, mask, conv + pool epilogue and its
+  # backward): memcheck over their CUDA op tests in float32 and bfloat16 (no shared memory,
+  # so racecheck and synccheck have nothing to check).
+  step sanitizer-conv 240 "$SAN" --tool memcheck --error-exitcode 1 $PYTHON -m pytest -m cuda \
+    tests/test_backbone_fused.py tests/test_conv_pool.py -q -p no:cacheprovider \
+    -k "(forward or backward_op or gradients or ties) and (float32 or bfloat16)" &
   # The official code needs ~10 GiB at vgg 2048; at most 1/4 of that is the target.
   step memory-2048 200 $PYTHON benchmarks/memory.py --device cuda --sizes 2048 --budget 2GiB \
     --skip --out "$RESDIR/$SLUG-memory.md" &
@@ -147,9 +154,10 @@ if [ $BUILD_RC -eq 0 ]; then
   step profile 60 $PYTHON benchmarks/profile_kernels.py --out "$RESDIR/$SLUG-profile.md"
   step profile-cudnn-benchmark 60 $PYTHON benchmarks/profile_kernels.py --cudnn-benchmark \
     --out "$RESDIR/$SLUG-profile-cudnn-benchmark.md"
-  # The fused backbone layer (bias-free conv + one bias/ReLU kernel) against eager, per conv
-  # layer of alex and vgg: picks LPIPS_FAST_BACKBONE's default (GPU_NOTES "Fused backbone").
-  step bench-backbone 90 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
+  # The fused backbone layer (bias-free conv + one bias/ReLU kernel; where a max-pool follows,
+  # also conv + bias/ReLU/pool in one kernel) against eager, per conv layer of alex and vgg:
+  # picks LPIPS_FAST_BACKBONE's default (GPU_NOTES "Fused backbone").
+  step bench-backbone 120 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
     --out "$RESDIR/$SLUG-backbone.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"

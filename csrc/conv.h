@@ -80,6 +80,14 @@ inline void check_conv(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef
               "non-negative numbers, got ", stride, " and ", padding);
 }
 
+inline void check_bias(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  TORCH_CHECK(bias.device() == x.device() && bias.scalar_type() == x.scalar_type() &&
+                  bias.numel() == w.size(0),
+              "lpips_fast conv_bias_relu: bias must hold ", w.size(0), " ", x.scalar_type(),
+              " elements on ", x.device(), ", got ", bias.numel(), " ", bias.scalar_type(),
+              " on ", bias.device());
+}
+
 // Autocast is off inside the ops: they compute in their inputs' dtype (the Python wrapper
 // casts them as autocast casts conv2d's); an autocast conv here would return another dtype
 // than the bias's, which the epilogue reads.
@@ -114,11 +122,7 @@ template <EpilogueFn epilogue>
 at::Tensor op_conv_bias_relu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding) {
   check_conv(x, w, stride, padding);
-  TORCH_CHECK(bias.device() == x.device() && bias.scalar_type() == x.scalar_type() &&
-                  bias.numel() == w.size(0),
-              "lpips_fast conv_bias_relu: bias must hold ", w.size(0), " ", x.scalar_type(),
-              " elements on ", x.device(), ", got ", bias.numel(), " ", bias.scalar_type(),
-              " on ", bias.device());
+  check_bias(x, w, bias);
   at::Tensor y = conv_nobias(x, w, stride, padding);
   if (channel_inner(y) == 0) y = y.contiguous();  // (ATen returns NCHW or channels_last)
   at::Tensor out = debug_nan_fill() ? new_output_like(y) : y;
@@ -126,8 +130,30 @@ at::Tensor op_conv_bias_relu(const at::Tensor& x, const at::Tensor& w, const at:
   return out;
 }
 
+using ConvGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The gradients of the bias-free convolution + bias that output_mask asks for, from the
+// gradient g of its output (the others empty): ONE at::convolution_backward.
+inline ConvGrads conv_grads(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            std::array<bool, 3> output_mask) {
+  const int64_t cout = w.size(0);
+  const at::OptionalIntArrayRef bias_sizes =
+      output_mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(&cout, 1)) : std::nullopt;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto grads = at::convolution_backward(
+      g, x, w, bias_sizes,
+      stride, padding, /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+      /*groups=*/1, output_mask);
+  // (some backends compute more than output_mask asks for: only the asked are returned)
+  auto asked = [&](int i, const at::Tensor& t) {
+    return output_mask[i] && t.defined() ? t : at::empty({0}, x.options());
+  };
+  return {asked(0, std::get<0>(grads)), asked(1, std::get<1>(grads)), asked(2, std::get<2>(grads))};
+}
+
 template <MaskFn mask>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> op_conv_bias_relu_backward(
+ConvGrads op_conv_bias_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
     at::IntArrayRef stride, at::IntArrayRef padding, std::array<bool, 3> output_mask) {
   check_conv(x, w, stride, padding);
@@ -143,19 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> op_conv_bias_relu_backward(
                             : grad_out.contiguous(o.suggest_memory_format());
   at::Tensor g = new_output_like(o);
   if (g.numel() > 0) mask(o, gr, g);
-  const int64_t cout = w.size(0);
-  const at::OptionalIntArrayRef bias_sizes =
-      output_mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(&cout, 1)) : std::nullopt;
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  auto grads = at::convolution_backward(
-      g, x, w, bias_sizes,
-      stride, padding, /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
-      /*groups=*/1, output_mask);
-  // (some backends compute more than output_mask asks for: only the asked are returned)
-  auto asked = [&](int i, const at::Tensor& t) {
-    return output_mask[i] && t.defined() ? t : at::empty({0}, x.options());
-  };
-  return {asked(0, std::get<0>(grads)), asked(1, std::get<1>(grads)), asked(2, std::get<2>(grads))};
+  return conv_grads(g, x, w, stride, padding, output_mask);
 }
 
 }  // namespace lpips_fast

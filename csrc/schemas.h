@@ -15,6 +15,11 @@
 //   convolution plus one epilogue pass (csrc/conv.h); the output has the convolution's layout.
 // conv_bias_relu_backward: gradients for x, weight, bias (output_mask selects; the others are
 //   returned empty) from the forward's output: one ReLU-mask pass, one convolution_backward.
+// conv_bias_relu_pool: (out, pooled) = (conv_bias_relu(...), max_pool2d(out, pool_kernel,
+//   pool_stride, padding 0, dilation 1, ceil_mode)) in one epilogue pass (csrc/conv_pool.h).
+// conv_bias_relu_pool_backward: gradients for x, weight, bias from the gradients of out (none
+//   when no gradient reached it) and pooled: one pass (window argmax recomputed from out,
+//   ReLU mask), one convolution_backward.
 #pragma once
 
 #include <torch/library.h>
@@ -43,6 +48,14 @@ inline void define_schemas(torch::Library& m) {
       "conv_bias_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, "
       "int[2] stride, int[2] padding, bool[3] output_mask) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "conv_bias_relu_pool(Tensor x, Tensor weight, Tensor bias, int[2] stride, int[2] padding, "
+      "int[2] pool_kernel, int[2] pool_stride, bool ceil_mode) -> (Tensor out, Tensor pooled)");
+  m.def(
+      "conv_bias_relu_pool_backward(Tensor? grad_out, Tensor grad_pooled, Tensor out, Tensor x, "
+      "Tensor weight, int[2] stride, int[2] padding, int[2] pool_kernel, int[2] pool_stride, "
+      "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bias)");
 }
 
 }  // namespace lpips_fast

@@ -7,9 +7,19 @@ csrc/cuda/conv_cuda.cu): fake kernels, autograd, the autocast-aware wrapper.
 - ``conv_bias_relu_backward(grad_out, out, x, weight, stride[2], padding[2], output_mask[3])
   -> (grad_x, grad_weight, grad_bias)``: one ReLU-mask pass, one convolution_backward.
 
+- ``conv_bias_relu_pool(x, weight, bias, stride[2], padding[2], pool_kernel[2],
+  pool_stride[2], ceil_mode) -> (out, pooled)``: out as conv_bias_relu, and
+  pooled = max_pool2d(out, pool_kernel, pool_stride, 0, 1, ceil_mode) from the same epilogue
+  pass (the pool that starts the next backbone slice; csrc/conv_pool.h).
+- ``conv_bias_relu_pool_backward(grad_out?, grad_pooled, out, x, weight, stride, padding,
+  pool_kernel, pool_stride, ceil_mode, output_mask[3])``: one pass (the window argmax
+  recomputed from out, nothing else saved; the ReLU mask; + grad_out), one
+  convolution_backward.
+
 Autograd returns every gradient that is asked for (input, weight, bias). A backward that
 records a graph (create_graph=True) runs eager's own differentiable formulas
-(threshold_backward, convolution_backward), so second-order gradients are eager's.
+(threshold_backward, max_pool2d_with_indices_backward, convolution_backward), so
+second-order gradients are eager's.
 Not supported through these ops, the backbone takes its eager modules there instead
 (lpips_fast.backbones): torch.func transforms (vmap, grad, jacrev, ...) and forward-mode AD
 (register_autograd's function is rejected under torch.func), graphs recorded for export.
@@ -49,26 +59,56 @@ def register(ns: str = "lpips_fast") -> None:
         return tuple(g if m and g is not None else x.new_empty(0)
                      for g, m in zip(grads, output_mask))
 
-    def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding = inputs
-        ctx.save_for_backward(x, weight, output)
-        ctx.stride, ctx.padding = list(stride), list(padding)
+    @torch.library.register_fake(f"{ns}::conv_bias_relu_pool")
+    def _pool_fwd_fake(x, weight, bias, stride, padding, pool_kernel, pool_stride, ceil_mode):
+        out = _fwd_fake(x, weight, bias, stride, padding)
+        pooled = torch.ops.aten.max_pool2d(out, pool_kernel, pool_stride, [0, 0], _DILATION,
+                                           ceil_mode)  # (its shape, layout and size check)
+        return out, torch.empty_like(pooled)
 
-    def backward(ctx, grad):
+    @torch.library.register_fake(f"{ns}::conv_bias_relu_pool_backward")
+    def _pool_bwd_fake(grad_out, grad_pooled, out, x, weight, stride, padding, pool_kernel,
+                       pool_stride, ceil_mode, output_mask):
+        return _bwd_fake(out, out, x, weight, stride, padding, output_mask)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, stride, padding, *pool = inputs
+        out = output[0] if pool else output
+        ctx.save_for_backward(x, weight, out)
+        ctx.stride, ctx.padding = list(stride), list(padding)
+        if pool:  # a gradient that reaches only one of (out, pooled) leaves the other None
+            ctx.pool = [list(pool[0]), list(pool[1]), bool(pool[2])]
+            ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad, grad_pooled=None):
         x, weight, out = ctx.saved_tensors
         mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-        if not any(mask):
-            return None, None, None, None, None
+        nones = (None,) * (8 if hasattr(ctx, "pool") else 5)  # one per input of the op
+        if not any(mask) or (grad is None and grad_pooled is None):
+            return nones
+        args = (x, weight, ctx.stride, ctx.padding, mask)
         if torch.is_grad_enabled():  # create_graph: eager's differentiable formulas
-            g = torch.ops.aten.threshold_backward(grad, out, 0)
-            grads = _conv_backward(g, x, weight, ctx.stride, ctx.padding, mask)
+            if grad_pooled is not None:
+                grad = _pool_backward(grad, grad_pooled, out, *ctx.pool)
+            grads = _conv_backward(torch.ops.aten.threshold_backward(grad, out, 0), *args)
+        elif grad_pooled is None:
+            grads = ops.conv_bias_relu_backward(grad, out, *args)
         else:
-            grads = ops.conv_bias_relu_backward(grad, out, x, weight, ctx.stride, ctx.padding,
-                                                mask)
-        return (*(g if m else None for g, m in zip(grads, mask)), None, None)
+            grads = ops.conv_bias_relu_pool_backward(grad, grad_pooled, out, x, weight,
+                                                     ctx.stride, ctx.padding, *ctx.pool, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), *nones[3:])
 
-    torch.library.register_autograd(f"{ns}::conv_bias_relu", backward,
-                                    setup_context=setup_context)
+    for op in ("conv_bias_relu", "conv_bias_relu_pool"):
+        torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup_context)
+
+
+def _pool_backward(grad, grad_pooled, out, kernel, stride, ceil_mode):
+    """grad (or None) + the max-pool's input gradient, by eager's differentiable ops."""
+    idx = torch.ops.aten.max_pool2d_with_indices(out.detach(), kernel, stride, [0, 0],
+                                                 _DILATION, ceil_mode)[1]
+    g = torch.ops.aten.max_pool2d_with_indices_backward(grad_pooled, out, kernel, stride,
+                                                        [0, 0], _DILATION, ceil_mode, idx)
+    return g if grad is None else grad + g
 
 
 def _autocast_args(*tensors):
@@ -89,3 +129,16 @@ def conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     caller's autocast as eager conv2d would run it."""
     x, weight, bias = _autocast_args(x, weight, bias)
     return getattr(torch.ops, ns).conv_bias_relu(x, weight, bias, list(stride), list(padding))
+
+
+def conv_bias_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        stride: Sequence[int], padding: Sequence[int],
+                        pool_kernel: Sequence[int], pool_stride: Sequence[int], ceil_mode: bool,
+                        ns: str = "lpips_fast") -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu(conv2d(x, weight, bias, stride, padding)), its max_pool2d(pool_kernel,
+    pool_stride, padding 0, dilation 1, ceil_mode)) through the fused op, under the caller's
+    autocast as eager conv2d would run it."""
+    x, weight, bias = _autocast_args(x, weight, bias)
+    return getattr(torch.ops, ns).conv_bias_relu_pool(x, weight, bias, list(stride), list(padding),
+                                                      list(pool_kernel), list(pool_stride),
+                                                      bool(ceil_mode))

@@ -7,17 +7,20 @@ LPIPS module's (`net.slice2.3.weight`), and a torchvision checkpoint loads by a 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import namedtuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 # How the backbone runs each conv + ReLU pair: "eager" (its modules: conv with bias, ReLU) or
 # "fused" (lpips_fast._conv_ops: bias-free conv, one bias + ReLU pass; its backward one mask
-# pass + one convolution_backward). The default stays "eager" until a GPU run has measured
-# which wins (benchmarks/bench_backbone.py, benchmarks/GPU_NOTES.md "Fused backbone"); on the
+# pass + one convolution_backward; a pair followed by a max-pool also computes the pool in
+# that pass, and its backward the pool's, the mask and + the tap's gradient in one). The
+# default stays "eager" until a GPU run has measured which wins (benchmarks/bench_backbone.py, benchmarks/GPU_NOTES.md "Fused backbone"); on the
 # CPU eager already fuses the bias into oneDNN's convolution, so "fused" only adds a pass.
 BACKBONE_IMPLS = ("eager", "fused")
 BACKBONE_ENV = "LPIPS_FAST_BACKBONE"
@@ -105,19 +108,54 @@ def _conv_relu(conv: nn.Conv2d, relu: nn.ReLU, x: torch.Tensor, fused: bool) -> 
     return relu(conv(x))
 
 
-def _run_fused(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """A slice with each conv + ReLU pair (also inside fire modules) through the fused op."""
-    layers = list(block)
-    i = 0
-    while i < len(layers):
+def _pool_fusable(pool: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """A plain max-pool that conv_bias_relu_pool computes (padding 0, dilation 1, no indices,
+    no hooks) and that has an output for conv's output size (else eager's error is raised)."""
+    if not (type(pool) is nn.MaxPool2d and not _has_hooks(pool) and not pool.return_indices
+            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)):
+        return False
+    k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    for d in (0, 1):
+        y = (x.shape[2 + d] + 2 * conv.padding[d] - conv.kernel_size[d]) // conv.stride[d] + 1
+        if y < k[d]:  # no whole window (ceil mode may still have one: eager pools it)
+            return False
+    return True
+
+
+def _conv_relu_pool(conv: nn.Conv2d, relu: nn.ReLU, pool: nn.Module, x: torch.Tensor):
+    """(relu(conv(x)), pool(of it)): one fused op where it computes both exactly, else
+    today's path (conv_bias_relu or the modules, then the pool module)."""
+    if _fusable(conv, relu) and _pool_fusable(pool, conv, x):
+        from . import _conv_ops
+        return _conv_ops.conv_bias_relu_pool(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                             _pair(pool.kernel_size),
+                                             _pair(pool.stride or pool.kernel_size),
+                                             pool.ceil_mode)
+    tap = _conv_relu(conv, relu, x, True)
+    return tap, pool(tap)
+
+
+def _run_fused(block: nn.Sequential, x: torch.Tensor, skip: int = 0, next_pool=None):
+    """A slice, less its first `skip` layers (a pool already run), with each conv + ReLU pair
+    (also inside fire modules) through the fused op. next_pool: the max-pool that starts the
+    next slice; when the slice ends in a conv + ReLU pair, that pair and the pool run as one
+    op. Returns (the slice's output, the next slice's input, its layers already run)."""
+    layers = list(block)[skip:]
+    with_pool = (next_pool is not None and len(layers) >= 2
+                 and isinstance(layers[-2], nn.Conv2d) and isinstance(layers[-1], nn.ReLU))
+    i, end = 0, len(layers) - 2 if with_pool else len(layers)
+    while i < end:
         m = layers[i]
-        if isinstance(m, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+        if isinstance(m, nn.Conv2d) and i + 1 < end and isinstance(layers[i + 1], nn.ReLU):
             x = _conv_relu(m, layers[i + 1], x, True)
             i += 2
             continue
         x = m.forward(x, fused=True) if type(m) is Fire and not _has_hooks(m) else m(x)
         i += 1
-    return x
+    if with_pool:
+        tap, pooled = _conv_relu_pool(layers[-2], layers[-1], next_pool, x)
+        return tap, pooled, 1
+    return x, x, 0
 
 
 def _layer(spec) -> nn.Module:
@@ -240,9 +278,26 @@ class Backbone(nn.Module):
         return not (recording_graph() or torch._C._are_functorch_transforms_active()
                     or fwAD._current_level >= 0 or x.device.type not in ("cpu", "cuda"))
 
-    def run_slice(self, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """One slice (of `slices()`) on x, by the impl in force."""
-        return _run_fused(block, x) if self._fused_now(x) else block(x)
+    def taps(self, x: torch.Tensor, context=contextlib.nullcontext):
+        """Yield each slice's output (the LPIPS layers) for x, by the impl in force, every
+        slice run inside `context()` (the model's precision), the yield outside it. The fused
+        impl runs a slice's last conv + ReLU with the max-pool that starts the next slice
+        (conv_bias_relu_pool: the slice's output stays the ReLU's, the pool reads it from the
+        same pass); the next slice then starts after its pool."""
+        blocks = self.slices()
+        if not self._fused_now(x):
+            for block in blocks:
+                with context():
+                    x = block(x)
+                yield x
+            return
+        skip = 0
+        for k, block in enumerate(blocks):
+            first = blocks[k + 1][0] if k + 1 < len(blocks) else None
+            with context():
+                tap, x, skip = _run_fused(block, x, skip,
+                                          first if isinstance(first, nn.MaxPool2d) else None)
+            yield tap
 
     def _init_like_torchvision(self, net: str):
         """pnet_rand=True draws the same distributions as torchvision's untrained models
@@ -261,11 +316,7 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor):
         """Each slice's output, as the official package returns them: a named tuple
         (`.relu1` ... for alex and squeeze, `.relu1_2` ... for vgg)."""
-        outs = []
-        for block in self.slices():
-            x = self.run_slice(block, x)
-            outs.append(x)
-        return self._outputs(*outs)
+        return self._outputs(*self.taps(x))
 
 
 def from_torchvision(net: str, state_dict: dict) -> dict:

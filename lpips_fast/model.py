@@ -336,10 +336,8 @@ class LPIPS(nn.Module):
         without autograd only one stage's activations are alive ("streaming")."""
         if self.channels_last and not torch._C._are_functorch_transforms_active():
             x = x.contiguous(memory_format=torch.channels_last)  # (vmap cannot: layout only)
-        for block in self.net.slices():
-            with self._precision_context(x.device.type):
-                x = self.net.run_slice(block, x)  # eager or fused (self.backbone_impl)
-            yield x
+        device_type = x.device.type  # (slices run eager or fused: self.backbone_impl)
+        yield from self.net.taps(x, lambda: self._precision_context(device_type))
 
     def _features(self, in0, in1):
         """Yield (f0, f1) per layer: one backbone pass over the pair when both inputs need

@@ -286,6 +286,82 @@ def ops(device):
     return emu_ops
 
 
+def conv_ops(device):
+    """The torch.ops namespace of the fused backbone ops under test on `device`."""
+    if device != "emu":
+        return torch.ops.lpips_fast
+    from emu import emu_error, emu_ops
+    assert emu_ops is not None, f"the CUDA emulation did not build: {emu_error}"
+    return torch.ops.lpips_fast_emu
+
+
+def conv_ns(device):
+    """The namespace name for lpips_fast._conv_ops' wrappers (ns=...), built if need be."""
+    conv_ops(device)
+    return "lpips_fast_emu" if device == "emu" else "lpips_fast"
+
+
+def make_conv(case, dtype, device, layout, seed=0, requires_grad=False):
+    """(x, weight, bias, stride, padding) of a conv case (N, Cin, H, W, Cout, kernel, stride,
+    padding, ...): randn input, weights scaled to unit output variance, a bias that puts
+    about half the outputs above 0, made in float64 then cast."""
+    n, cin, h, w, cout, k, stride, padding = case[:8]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, generator=g, dtype=torch.float64) * 0.5
+    x, wt, b = (t.to(dtype=dtype, device=tdev(device)) for t in (x, wt, b))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        wt = wt.contiguous(memory_format=torch.channels_last)
+    for t in (x, wt, b):
+        t.requires_grad_(requires_grad)
+    return x, wt, b, list(stride), list(padding)
+
+
+def same_layout(a, b):
+    """Equal strides where they matter (a dimension of size 1 has any stride)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+FUSED_OPS = ("conv_bias_relu", "conv_bias_relu_pool")  # (a pair, a pair with its pool)
+
+
+def fused_op_calls(fn):
+    """{name: calls} of the fused backbone ops (lpips_fast._conv_ops) while fn() runs
+    without autograd."""
+    from lpips_fast import _conv_ops
+    calls = dict.fromkeys(FUSED_OPS, 0)
+    real = {name: getattr(_conv_ops, name) for name in FUSED_OPS}
+
+    def counting(name):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return real[name](*a, **k)
+        return wrapper
+
+    try:
+        for name in FUSED_OPS:
+            setattr(_conv_ops, name, counting(name))
+        with torch.no_grad():
+            fn()
+    finally:
+        for name in FUSED_OPS:
+            setattr(_conv_ops, name, real[name])
+    return calls
+
+
+def assert_second_order_equal(ours, eager, x, wt, b):
+    """Second-order gradients through the scalar loss ours(x, wt, b) equal those through
+    eager(x, wt, b) (float64; the fused ops' create_graph backward runs eager's formulas)."""
+    g1 = torch.autograd.grad(ours(x, wt, b), (x, wt), create_graph=True)
+    e1 = torch.autograd.grad(eager(x, wt, b), (x, wt), create_graph=True)
+    g2 = torch.autograd.grad(g1[0].square().sum() + g1[1].sum(), (x, wt, b))
+    e2 = torch.autograd.grad(e1[0].square().sum() + e1[1].sum(), (x, wt, b))
+    for a, e in zip(g2, e2):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 def feats(shape, dtype=torch.float32, device="cpu", layout="nchw", seed=0, gen_shape=None):
     """ReLU'ed randn (some exact zeros, like real features), made in float64 then cast."""
     g = torch.Generator().manual_seed(seed)

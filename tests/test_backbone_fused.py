@@ -34,27 +34,12 @@ import torch.nn.functional as F
 import lpips_fast
 from lpips_fast import _conv_ops, _ops
 from lpips_fast.backbones import BACKBONE_ENV
-from helpers import randomize_lins
-from emu import emu_error, emu_ops  # noqa: F401  (builds and registers lpips_fast_emu)
+from helpers import (DEVICES, assert_second_order_equal, conv_ns, conv_ops, fused_op_calls,
+                     make_conv as make, randomize_lins, same_layout)
 
-HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
-DEVICES = ["cpu", "emu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA device")])]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def tdev(device):
-    return "cpu" if device == "emu" else device
-
-
-def conv_ops(device):
-    """torch.ops namespace under test on `device`."""
-    if device == "emu":
-        assert emu_ops is not None, f"the CUDA emulation did not build: {emu_error}"
-        return torch.ops.lpips_fast_emu
-    return torch.ops.lpips_fast
 
 
 @pytest.fixture(autouse=True)
@@ -73,26 +58,6 @@ CASES = [
     (2, 6, 3, 3, 9, 3, (1, 1), (0, 0)),
     (0, 4, 5, 5, 3, 3, (1, 1), (1, 1)),
 ]
-
-
-def make(case, dtype, device, layout, seed=0, requires_grad=False):
-    n, cin, h, w, cout, k, stride, padding = case
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64)
-    wt = torch.randn(cout, cin, k, k, generator=g, dtype=torch.float64) / (cin * k * k) ** 0.5
-    b = torch.randn(cout, generator=g, dtype=torch.float64) * 0.5  # ~half the outputs > 0
-    x, wt, b = (t.to(dtype=dtype, device=tdev(device)) for t in (x, wt, b))
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-        wt = wt.contiguous(memory_format=torch.channels_last)
-    for t in (x, wt, b):
-        t.requires_grad_(requires_grad)
-    return x, wt, b, list(stride), list(padding)
-
-
-def same_layout(a, b):
-    """Equal strides where they matter (a dimension of size 1 has any stride)."""
-    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
 def definition(x, wt, b, stride, padding):
@@ -180,7 +145,7 @@ def test_autograd_equals_eager(device, wants):
     x, wt, b, stride, padding = make(CASES[1], torch.float32, device, "channels_last")
     for t, want in zip((x, wt, b), wants):
         t.requires_grad_(want)
-    ns = "lpips_fast_emu" if device == "emu" else "lpips_fast"
+    ns = conv_ns(device)
     out = _conv_ops.conv_bias_relu(x, wt, b, stride, padding, ns=ns)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
     inputs = [t for t in (x, wt, b) if t.requires_grad]
@@ -197,7 +162,7 @@ def test_autograd_equals_eager(device, wants):
 @pytest.mark.parametrize("device", ["cpu", "emu"])
 def test_gradcheck_and_second_order(device):
     x, wt, b, stride, padding = make(CASES[0], torch.float64, device, "nchw", requires_grad=True)
-    ns = "lpips_fast_emu" if device == "emu" else "lpips_fast"
+    ns = conv_ns(device)
 
     def fn(x, wt, b):
         return _conv_ops.conv_bias_relu(x, wt, b, stride, padding, ns=ns)
@@ -206,14 +171,9 @@ def test_gradcheck_and_second_order(device):
     assert fn(x, wt, b).detach().abs().add((fn(x, wt, b) == 0).double()).min() > 1e-4
     assert torch.autograd.gradcheck(fn, (x, wt, b))
     assert torch.autograd.gradgradcheck(fn, (x, wt, b))
-    # second order equals eager's (create_graph runs eager's differentiable formulas)
-    g1 = torch.autograd.grad(fn(x, wt, b).square().sum(), (x, wt), create_graph=True)
-    e1 = torch.autograd.grad(F.conv2d(x, wt, b, stride, padding).relu().square().sum(), (x, wt),
-                             create_graph=True)
-    g2 = torch.autograd.grad(g1[0].square().sum() + g1[1].sum(), (x, wt, b))
-    e2 = torch.autograd.grad(e1[0].square().sum() + e1[1].sum(), (x, wt, b))
-    for a, e in zip(g2, e2):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_second_order_equal(lambda *a: fn(*a).square().sum(),
+                              lambda *a: F.conv2d(*a, stride, padding).relu().square().sum(),
+                              x, wt, b)
 
 
 @pytest.mark.parametrize("ns", ["lpips_fast", "lpips_fast_emu"])
@@ -315,21 +275,9 @@ def test_model_trainable_backbone_gets_all_gradients():
 
 
 def count_fused_calls(model, *args, fn=None):
-    """How many times the backbone called the fused op while running fn (default: model)."""
-    calls = []
-    real = _conv_ops.conv_bias_relu
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    _conv_ops.conv_bias_relu = counting
-    try:
-        with torch.no_grad():
-            (fn or model)(*args)
-    finally:
-        _conv_ops.conv_bias_relu = real
-    return len(calls)
+    """How many conv + ReLU pairs the backbone ran through the fused ops while running fn
+    (default: model): conv_bias_relu, and conv_bias_relu_pool (a pair with its max-pool)."""
+    return sum(fused_op_calls(lambda: (fn or model)(*args)).values())
 
 
 def test_switch_env_attribute_and_errors(monkeypatch):
@@ -393,4 +341,5 @@ def test_compile_fullgraph_fused(net):
     v_c, g_c = value_and_grad(compiled, x0, x1)
     v_e, g_e = value_and_grad(eager, x0, x1)
     assert any("conv_bias_relu" in g for g in graphs)
+    assert any("conv_bias_relu_pool" in g for g in graphs)  # (both nets have a fused pool)
     assert_model_close(v_c, g_c, v_e, g_e)

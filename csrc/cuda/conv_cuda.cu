@@ -20,12 +20,6 @@
 namespace lpips_fast {
 namespace {
 
-constexpr int kEwThreads = 256;
-
-// Largest grid of the element-wise kernels (the loop covers the rest); tests lower it
-// (LPIPS_FAST_EMU_EW_BLOCKS) so that small inputs take several grid-stride steps.
-inline int64_t ew_max_blocks() { return emu_limit("LPIPS_FAST_EMU_EW_BLOCKS", int64_t(1) << 20); }
-
 template <typename T>
 struct alignas(16) Vec {
   static constexpr int n = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
@@ -89,11 +83,6 @@ __global__ void __launch_bounds__(kEwThreads) relu_mask_kernel(MaskArgs<T> a) {
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-dim3 ew_grid(int64_t total, int V) {
-  const int64_t per_block = (int64_t)kEwThreads * V;
-  return dim3((unsigned)std::min<int64_t>((total + per_block - 1) / per_block, ew_max_blocks()));
-}
 
 void epilogue_cuda(const at::Tensor& y, const at::Tensor& out, const at::Tensor& bias,
                    int64_t inner) {

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstdlib>
 #include <utility>
 
@@ -54,6 +55,20 @@ inline int64_t emu_limit(const char*, int64_t dflt) { return dflt; }
 inline int64_t max_blocks_per_layer() { return emu_limit("LPIPS_FAST_EMU_MAX_BLOCKS", 65536); }
 // Flattened (n, p) elements per block of the weight-gradient kernel.
 inline int64_t wgrad_chunk() { return emu_limit("LPIPS_FAST_EMU_WGRAD_CHUNK", 2048); }
+
+// Threads per block of the element-wise kernels (conv_cuda.cu, conv_pool_cuda.cu), each
+// running a grid-stride loop.
+constexpr int kEwThreads = 256;
+
+// Largest grid of the element-wise kernels (the loop covers the rest); tests lower it
+// (LPIPS_FAST_EMU_EW_BLOCKS) so that small inputs take several grid-stride steps.
+inline int64_t ew_max_blocks() { return emu_limit("LPIPS_FAST_EMU_EW_BLOCKS", int64_t(1) << 20); }
+
+// The grid for `total` elements, V per thread per step.
+inline dim3 ew_grid(int64_t total, int V) {
+  const int64_t per_block = (int64_t)kEwThreads * V;
+  return dim3((unsigned)std::min<int64_t>((total + per_block - 1) / per_block, ew_max_blocks()));
+}
 
 // kernel<<<grid, block, smem, stream>>>(args...), then the launch error check.
 template <typename... KArgs, typename... Args>

@@ -1,5 +1,5 @@
 // The CPU emulation of the CUDA kernels: the fiber runtime declared in cuda_emu.h, and the
-// real csrc/cuda/head_cuda.cu (kernels and host code) compiled against it, registered as
+// real csrc/cuda/*.cu (kernels and host code) compiled against it, registered as
 // torch.ops.lpips_fast_emu.* on the CPU. Built by the tests (tests/emu.py), not shipped.
 #include "cuda_emu.h"
 
@@ -396,5 +396,6 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem,
 // The kernels and host code, exactly as the GPU build compiles them.
 #include "../cuda/head_cuda.cu"
 #include "../cuda/conv_cuda.cu"
+#include "../cuda/conv_pool_cuda.cu"
 
 TORCH_LIBRARY(lpips_fast_emu, m) { lpips_fast::define_schemas(m); }
