@@ -135,9 +135,50 @@ def main(argv=None):
         lines.append(_row(f"{net} {n}x{size}", "**all convs**", "", "(fused+pool: the "
                           "fused backbone)", total))
         print(lines[-1], flush=True)
+    lines += ["", *first_conv_padding(DTYPES[args.dtype], device, not args.nchw, reps, gpu)]
+    print("\n".join(lines[-6:]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def first_conv_padding(dtype, device, channels_last, reps, gpu):
+    """The 3-channel first conv against the same conv on 8 channels, 5 of them zero (exactly
+    the same sums: each added product is +0). Tensor cores take channels in multiples of 8, so
+    cuDNN may pick a slower kernel for 3; the padded input would be written by the scaling
+    layer, which copies the images anyway, so padding costs nothing here. Forward only, and
+    forward + input gradient (a training step's loss on generated images)."""
+    rows = ["| case | first conv | 3 channels fwd | 8 channels fwd | x | 3 channels fwd+bwd "
+            "| 8 channels fwd+bwd | x |", "|---|---|---|---|---|---|---|---|"]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for net, n, size, _ in (GPU_CASES if gpu else CPU_CASES):
+        _, cin, cout, k, st, p, s, _ = conv_layers(net, size)[0]
+        g = torch.Generator().manual_seed(0)
+        x3 = torch.randn(2 * n, cin, s, s, generator=g)
+        w3 = torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5
+        b = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
+        runs = {}
+        for c in (3, 8):
+            x = F.pad(x3, (0, 0, 0, 0, 0, c - cin)).to(device, dtype).contiguous(memory_format=fmt)
+            w = F.pad(w3, (0, 0, 0, 0, 0, c - cin)).to(device, dtype).contiguous(memory_format=fmt)
+            xg = x.detach().requires_grad_(True)
+
+            def fwd(x=x, w=w):
+                with torch.no_grad():
+                    F.conv2d(x, w, b, st, p)
+
+            def fb(xg=xg, w=w):
+                out = F.conv2d(xg, w, b, st, p)
+                torch.autograd.grad(out, xg, torch.ones_like(out))
+            runs[(c, "fwd")], runs[(c, "fwdbwd")] = fwd, fb
+        t = {key: statistics.median(v)
+             for key, v in interleaved_times(runs, device, warmup=1, rounds=reps).items()}
+        cells = []
+        for kind in ("fwd", "fwdbwd"):
+            cells += [_ms(t[(3, kind)]), _ms(t[(8, kind)]), f"{t[(3, kind)] / t[(8, kind)]:.2f}"]
+        rows.append("| " + " | ".join([f"{net} {n}x{size}", f"{cin}->{cout} k{k}/s{st}"] + cells)
+                    + " |")
+    return rows
 
 
 def _row(case, layer, shape, ksp, t):

@@ -20,7 +20,8 @@
 #      profile_kernels.py (vgg 2048 forward per kernel, fp32/bf16, the first conv padded to 8
 #      channels; then again with cudnn.benchmark, which needs its own process; unmeasured on a
 #      GPU: estimated 20-30 s each),
-#      bench_backbone.py (fused conv + bias + ReLU against eager, per conv layer),
+#      bench_backbone.py (fused conv + bias + ReLU [+ pool] against eager, per conv layer;
+#      the first conv on 3 vs 8 zero-padded channels; fp32 and bf16),
 #      bench.py (official eager and torch.compile vs lpips_fast, interleaved), gpu_tune.py
 # Results: every table and log goes to $RESDIR (default /tmp/gpu_results), packed after each
 # step into $OUT/results.tgz when $OUT is set (else benchmarks/results/gpu-check.tgz), so a
@@ -159,6 +160,9 @@ if [ $BUILD_RC -eq 0 ]; then
   # picks LPIPS_FAST_BACKBONE's default (GPU_NOTES "Fused backbone").
   step bench-backbone 120 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
     --out "$RESDIR/$SLUG-backbone.md"
+  # bf16: where issue 19 measured the convolutions at ~37% of peak (the first conv's 3 channels?)
+  step bench-backbone-bf16 90 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
+    --dtype bf16 --out "$RESDIR/$SLUG-backbone-bf16.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
     step tune 180 $PYTHON benchmarks/gpu_tune.py --out "$RESDIR/$SLUG-tune.md"
