@@ -143,6 +143,7 @@ def _settings(args):
         resume=getattr(args, "resume", False), net=args.net, version=args.version,
         precision=args.precision, impl=args.impl, resize=args.resize, resample=args.resample,
         device=args.device, batch_size=args.batch_size, workers=getattr(args, "workers", 0),
+        prefetch=getattr(args, "prefetch", "auto"), decoder=getattr(args, "decoder", "auto"),
         progress=False if args.quiet else None, tile_size=args.tile_size,
         memory_budget=args.memory_budget, spatial_map=getattr(args, "spatial_map", None),
         map_format=getattr(args, "map_format", "png"), map_max=getattr(args, "map_max", None),
