@@ -219,11 +219,13 @@ class BatchLoader:
 
 def plain_jpeg(data: bytes) -> bool:
     """Whether a file's bytes are a JPEG that torchvision decodes as Pillow does: 8-bit RGB
-    (YCbCr) or grey, baseline, upright (no EXIF rotation: nvJPEG would not apply it)."""
+    (YCbCr) or grey, baseline, upright (no EXIF rotation: nvJPEG would not apply it), ending in
+    its end-of-image marker (libjpeg fills a truncated file with grey where Pillow refuses it;
+    trailing bytes after the marker send a file to Pillow too)."""
     from io import BytesIO
 
     from PIL import Image
-    if data[:3] != JPEG_MAGIC:
+    if data[:3] != JPEG_MAGIC or data[-2:] != b"\xff\xd9":
         return False
     try:
         with Image.open(BytesIO(data)) as img:
