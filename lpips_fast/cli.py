@@ -225,14 +225,16 @@ def cmd_video(args) -> int:
 # --- bench ------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    """The packaged benchmarks (lpips_fast.bench): `model`, `kernels`, or both (the default)
-    with the options both take (--device, --quick, --out DIR)."""
+    """The packaged benchmarks (lpips_fast.bench): `model`, `kernels`, `dirs`, or the first two
+    (the default) with the options both take (--device, --quick, --out DIR)."""
     from lpips_fast import _ops
-    from lpips_fast.bench import kernels, model
+    from lpips_fast.bench import dirs, kernels, model
     rest = list(args.args)
     with contextlib.redirect_stdout(_OUT):  # the benchmarks' tables are this command's results
         if args.which == "model":
             model.main(rest)
+        elif args.which == "dirs":
+            dirs.main(rest)
         elif args.which == "kernels":
             kernels.main(rest)
         else:

@@ -260,9 +260,13 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
         description="Benchmarks shipped in the package. `lpips-fast bench model ...`: "
                     "lpips_fast against the official lpips (when installed; else lpips_fast "
                     "only), eager and compiled (lpips-fast bench model --help); `lpips-fast "
-                    "bench kernels ...`: the fused head against the reference head. Without a "
-                    "kind: both, with --device, --quick and --out DIR (default ./bench-results).")
-    b.add_argument("which", nargs="?", choices=["model", "kernels", "all"], default="all")
+                    "bench kernels ...`: the fused head against the reference head; `lpips-fast "
+                    "bench dirs ...`: scoring folders of image files end to end, pairs/s of "
+                    "whole processes against plain loops of the official lpips and others. "
+                    "Without a kind: model and kernels, with --device, --quick and --out DIR "
+                    "(default ./bench-results).")
+    b.add_argument("which", nargs="?", choices=["model", "kernels", "dirs", "all"],
+                   default="all")
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
     b.set_defaults(func=commands["bench"])
 

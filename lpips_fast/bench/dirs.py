@@ -285,6 +285,49 @@ def markdown(results, notes, env, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def decode_check(pairs, device, work: Path, quality: int = 90, net: str = "alex") -> list:
+    """torchvision's decode_jpeg on `device` against Pillow's, on (reference, distorted) image
+    files each saved as a JPEG of `quality`: per pair, the largest difference of one decoded
+    value in 8-bit levels, the pair's LPIPS from Pillow's decode and how far torchvision's
+    moves it. What --decoder torchvision changes on real images (nvJPEG on a GPU)."""
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from lpips_fast.batches import to_unit_range
+    from lpips_fast.io import read_image
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    model = lpips_fast.LPIPS(net=net, verbose=False).to(device)
+    rows = []
+    for k, pair in enumerate(pairs):
+        pil, tv = [], []
+        for j, path in enumerate(pair):
+            jpg = work / f"{k}-{j}.jpg"
+            with Image.open(path) as img:
+                img.convert("RGB").save(jpg, quality=quality)
+            pil.append(torch.from_numpy(read_image(jpg)[0]).permute(2, 0, 1)[None].to(device))
+            data = torch.frombuffer(bytearray(jpg.read_bytes()), dtype=torch.uint8)
+            u8 = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            tv.append(to_unit_range(u8, torch.empty(u8.shape, device=device))[None])
+        levels = max(float((a - b).abs().max()) * 127.5 for a, b in zip(pil, tv))
+        with torch.inference_mode():
+            d_pil, d_tv = float(model(*pil)), float(model(*tv))
+        rows.append({"pair": Path(pair[0]).name, "size": tuple(pil[0].shape[2:]),
+                     "max_levels": round(levels), "lpips": d_pil,
+                     "lpips_diff": abs(d_tv - d_pil)})
+    return rows
+
+
+def decode_check_text(rows, device, quality) -> str:
+    lines = [f"torchvision's decode_jpeg on {device} against Pillow's, the same JPEG files "
+             f"(quality {quality}):", "",
+             "| pair | H x W | max difference, 8-bit levels | LPIPS (Pillow) | LPIPS change |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['pair']} | {r['size'][0]} x {r['size'][1]} | {r['max_levels']} | "
+              f"{r['lpips']:.6f} | {r['lpips_diff']:.1e} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def _variant(text: str):
     name, sep, opts = text.partition("=")
     if not sep or not name:
@@ -310,6 +353,11 @@ def parse_args(argv):
     p.add_argument("--work", type=Path, help="folder for the images and CSVs (default: a "
                                               "temporary one, removed)")
     p.add_argument("--out", type=Path, help="also write the table to this .md file")
+    p.add_argument("--decode-check", nargs=2, type=Path, metavar=("DIR0", "DIR1"),
+                   help="instead of timing: save the files of DIR0 and DIR1 paired by name as "
+                        "JPEGs and compare torchvision's decode on --device with Pillow's "
+                        "(what --decoder torchvision changes)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of --decode-check")
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.cases is None:
@@ -320,6 +368,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.decode_check:
+        return _decode_check_main(args)
     env = environment(args.device or _default_device())
     notes: list = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -336,6 +386,21 @@ def main(argv=None):
     if args.out:
         args.out.write_text(text)
     return results
+
+
+def _decode_check_main(args):
+    d0, d1 = args.decode_check
+    names = sorted(set(os.listdir(d0)) & set(os.listdir(d1)))
+    if not names:
+        raise SystemExit(f"error: no file names in common between {d0} and {d1}")
+    device = args.device or _default_device()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = decode_check([(d0 / n, d1 / n) for n in names], device, Path(tmp), args.quality)
+    text = decode_check_text(rows, device, args.quality)
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    return rows
 
 
 if __name__ == "__main__":
