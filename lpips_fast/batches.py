@@ -109,13 +109,12 @@ class BatchLoader:
 
     def _buffer(self, shape, on_device: bool):
         if on_device:  # every image is decoded there: nothing to pin or transfer
-            return torch.empty(shape, device=self.device).contiguous(
-                memory_format=torch.channels_last)
+            return torch.empty(shape, device=self.device, memory_format=torch.channels_last)
         for k, x in enumerate(self.free):
             if x.shape == shape:
                 return self.free.pop(k)
-        return torch.empty(shape, pin_memory=self.device.type == "cuda").contiguous(
-            memory_format=torch.channels_last)
+        return torch.empty(shape, memory_format=torch.channels_last,
+                           pin_memory=self.device.type == "cuda")
 
     def _start(self, batch):
         """Allocate the batch's tensor and start decoding its images (on the pool, if any)."""

@@ -124,7 +124,7 @@ def commands(net, a, b, work: Path, device, variants: dict, notes: list) -> dict
             continue
         csv_path = work / f"{len(out)}.csv"
         out[name] = ([*env_py, str(LOOPS), kind, net, str(state), str(a), str(b),
-                      str(csv_path)], csv_path)
+                      str(csv_path), device or _default_device()], csv_path)
     return out
 
 
