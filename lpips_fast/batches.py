@@ -4,7 +4,9 @@ the model runs (no float image per file, no stacking copy), pinned for a CUDA de
 
 Who decodes (`workers`, `prefetch`; "auto" picks from the cores and the device, see
 `choose`): a pool of threads (Pillow and numpy release the GIL while they decode and convert,
-so threads decode in parallel without the start-up and the copies of worker processes).
+so threads decode in parallel without the start-up and the copies of worker processes); a
+batch is also finished there (its transfer and its device decode), so that the CPU part of a
+GPU decode overlaps the forward of the batch before it.
 With `prefetch` K > 0 the pool decodes the next K batches while a batch is scored; with K = 0
 it decodes a batch, on every thread, only when the scorer asks for it, never competing with
 torch's own threads (the CPU default on a machine of 2 cores or fewer, where a loader running
@@ -100,7 +102,11 @@ class BatchLoader:
             self.pending.append(self._start(b))
         if not self.pending:
             raise StopIteration
-        return self._finish(*self.pending.popleft())
+        x, finished = self.pending.popleft()
+        loaded = finished.result()
+        if x.device.type == "cpu":
+            self.last = x
+        return loaded
 
     def close(self):
         if self.pool is not None:
@@ -126,8 +132,12 @@ class BatchLoader:
         x = self._buffer((2 * n, 3, *size), on_device)
         jobs = [(x, j, path, size) for j, path in enumerate(paths)]
         if self.pool is None:
-            return batch, x, [_done(self._fill, job) for job in jobs]
-        return batch, x, [self.pool.submit(self._fill, *job) for job in jobs]
+            return x, _done(self._finish, (batch, x, [_done(self._fill, job) for job in jobs]))
+        # The batch is finished on the pool too (after its images: the queue is FIFO), so that
+        # a device decode's CPU stage (nvJPEG's Huffman decoding) overlaps the forward; its
+        # kernels go to the same stream as the forward's, in order.
+        images = [self.pool.submit(self._fill, *job) for job in jobs]
+        return x, self.pool.submit(self._finish, batch, x, images)
 
     def _fill(self, x, j, path, size):
         """Decode one file into slot j of x (a CPU tensor): its alpha flag. For the device's
@@ -158,8 +168,6 @@ class BatchLoader:
                 results.append(f.result())
             except ImageError as e:
                 results.append(e)
-        if x.device.type == "cpu":
-            self.last = x
         x = x.to(self.device, non_blocking=True)
         for j, r in enumerate(results):
             if isinstance(r, tuple):  # decoded on the CPU for a batch on the device
@@ -250,7 +258,8 @@ def _one_jpeg(data, device):
 
 
 class _done:
-    """The result of fn(*job) computed now, with a Future's result()."""
+    """The result of fn(*job) computed now, with a Future's result() (an ImageError is kept
+    and raised by result(), as a Future does)."""
 
     def __init__(self, fn, job):
         try:
