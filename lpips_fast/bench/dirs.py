@@ -381,6 +381,10 @@ def main(argv=None):
             print(f"timing {label} ...", file=sys.stderr, flush=True)
             rows, parts = case_rows(case, args, work, notes)
             results.append((label, rows, parts))
+            for r in rows:  # as it goes: a long run cut short still said what it measured
+                print(f"  {r['process']}: {r['median_s']:.2f} s ({r['min_s']:.2f}-"
+                      f"{r['max_s']:.2f}), {r['pairs_per_s']:.1f} pairs/s", file=sys.stderr,
+                      flush=True)
     text = markdown(results, notes, env, args)
     print(text, end="")
     if args.out:
