@@ -22,7 +22,9 @@
 #      GPU: estimated 20-30 s each),
 #      bench_backbone.py (fused conv + bias + ReLU [+ pool] against eager, per conv layer;
 #      the first conv on 3 vs 8 zero-padded channels; fp32 and bf16),
-#      bench.py (official eager and torch.compile vs lpips_fast, interleaved), gpu_tune.py
+#      bench.py (official eager and torch.compile vs lpips_fast, interleaved), gpu_tune.py,
+#      lpips-fast bench dirs (folders end to end vs the plain official loop; GPU JPEG decode
+#      against Pillow's on the real pairs)
 # Results: every table and log goes to $RESDIR (default /tmp/gpu_results), packed after each
 # step into $OUT/results.tgz when $OUT is set (else benchmarks/results/gpu-check.tgz), so a
 # run cut short still returns what it measured; the summary is printed last.
@@ -163,6 +165,20 @@ if [ $BUILD_RC -eq 0 ]; then
   # bf16: where issue 19 measured the convolutions at ~37% of peak (the first conv's 3 channels?)
   step bench-backbone-bf16 90 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
     --dtype bf16 --out "$RESDIR/$SLUG-backbone-bf16.md"
+  # Issue 24: folders scored end to end (files to CSV, whole processes) against the plain
+  # official loop on this GPU (target >= 5x for 512x384 JPEG; pairs/s for 1920x1080), and
+  # torchvision's GPU JPEG decode (--decoder auto) against Pillow's on the real pairs.
+  # Alone: ONLY="dirs-*" bash benchmarks/gpu_check.sh (about 4 minutes with the build).
+  if [ -d "${LPIPS_FAST_REAL_PAIRS:-/nonexistent}/tid2013" ]; then
+    step dirs-decode-check 90 $PYTHON -m lpips_fast bench dirs --device cuda --decode-check \
+      "$LPIPS_FAST_REAL_PAIRS/tid2013/ref" "$LPIPS_FAST_REAL_PAIRS/tid2013/dist" \
+      --out "$RESDIR/$SLUG-dirs-decode-check.md"
+  else
+    echo "| dirs-decode-check | not run: no real pairs (LPIPS_FAST_REAL_PAIRS) | 0 s |" >> "$STATUS"
+  fi
+  step dirs-bench 240 $PYTHON -m lpips_fast bench dirs --device cuda --rounds 2 \
+    --cases alex:512x384:jpg:600 alex:1920x1080:jpg:120 --variant pillow="--decoder pillow" \
+    --out "$RESDIR/$SLUG-dirs.md"
   if $PYTHON -c "import lpips" 2>/dev/null; then
     step bench 300 $PYTHON benchmarks/bench.py --warmup 3 --repeats 10 --out "$RESDIR"
     step tune 180 $PYTHON benchmarks/gpu_tune.py --out "$RESDIR/$SLUG-tune.md"

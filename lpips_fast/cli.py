@@ -163,6 +163,7 @@ def _settings(args):
         resume=getattr(args, "resume", False), net=args.net, version=args.version,
         precision=args.precision, impl=args.impl, resize=args.resize, resample=args.resample,
         device=args.device, batch_size=args.batch_size, workers=getattr(args, "workers", 0),
+        prefetch=getattr(args, "prefetch", "auto"), decoder=getattr(args, "decoder", "auto"),
         progress=False if args.quiet else None, tile_size=args.tile_size,
         memory_budget=args.memory_budget, model_path=args.model_path,
         spatial_map=getattr(args, "spatial_map", None),
@@ -252,14 +253,16 @@ def cmd_video(args) -> int:
 # --- bench ------------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    """The packaged benchmarks (lpips_fast.bench): `model`, `kernels`, or both (the default)
-    with the options both take (--device, --quick, --out DIR)."""
+    """The packaged benchmarks (lpips_fast.bench): `model`, `kernels`, `dirs`, or the first two
+    (the default) with the options both take (--device, --quick, --out DIR)."""
     from lpips_fast import _ops
-    from lpips_fast.bench import kernels, model
+    from lpips_fast.bench import dirs, kernels, model
     rest = list(args.args)
     with contextlib.redirect_stdout(_OUT):  # the benchmarks' tables are this command's results
         if args.which == "model":
             model.main(rest)
+        elif args.which == "dirs":
+            dirs.main(rest)
         elif args.which == "kernels":
             kernels.main(rest)
         else:

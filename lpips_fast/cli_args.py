@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from lpips_fast.checks import parse_bytes
+from lpips_fast.batches import DECODERS
 from lpips_fast.folders import default_workers
 from lpips_fast.io import RESAMPLE, RESIZE_POLICIES
 
@@ -96,6 +97,10 @@ def _bytes(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _auto_or_nonneg(text):
+    return "auto" if text == "auto" else _nonneg(text)
+
+
 def _nonneg(text):
     v = int(text)
     if v < 0:
@@ -162,9 +167,23 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
         g.add_argument("--batch-size", type=_positive, default=32, metavar="N",
                        help="pairs per forward pass (default 32)")
         if folders:
-            g.add_argument("--workers", type=_nonneg, default=default_workers(), metavar="N",
-                           help="image-loading processes (0 = load in the main process; "
-                                f"default {default_workers()})")
+            g.add_argument("--workers", type=_auto_or_nonneg, default="auto", metavar="N",
+                           help="dirs: image-decoding threads (0: the main thread decodes); "
+                                "allpairs: DataLoader processes (0: the main process). "
+                                "Default auto: dirs on a GPU min(8, cores) threads, on a CPU "
+                                "every core for 2 cores or fewer, else a quarter of them; "
+                                f"allpairs {default_workers()} (docs/performance.md)")
+        if folders == "dirs":
+            g.add_argument("--prefetch", type=_auto_or_nonneg, default="auto", metavar="K",
+                           help="batches decoded ahead while one is scored (0: decode a batch "
+                                "when it is needed, on all --workers threads; default auto: 2, "
+                                "0 on a CPU of 2 cores or fewer)")
+            g.add_argument("--decoder", choices=DECODERS, default="auto",
+                           help="pillow: every file by Pillow, as `pair` (exact agreement); "
+                                "torchvision: plain JPEG files by torchvision's decode_jpeg on "
+                                "the --device (nvJPEG on a GPU; values may differ from Pillow's "
+                                "by rounding); auto (default): torchvision on a CUDA device, "
+                                "else pillow")
         g.add_argument("-o", "--output", metavar="CSV",
                        help="CSV file (default, or '-': stdout); rows are flushed as they are "
                             "computed")
@@ -213,7 +232,7 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     map_args(ds, "after the pair's name in DIR0 (x.png -> DIR/x.png.png, sub/y.jpg -> "
                  "DIR/sub/y.jpg.png)")
     size_args(ds)
-    batch_args(ds)
+    batch_args(ds, folders="dirs")
     ds.set_defaults(func=commands["dirs"])
 
     ap = sub.add_parser("allpairs", help="score every unordered pair of images in a folder",
@@ -250,9 +269,13 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
         description="Benchmarks shipped in the package. `lpips-fast bench model ...`: "
                     "lpips_fast against the official lpips (when installed; else lpips_fast "
                     "only), eager and compiled (lpips-fast bench model --help); `lpips-fast "
-                    "bench kernels ...`: the fused head against the reference head. Without a "
-                    "kind: both, with --device, --quick and --out DIR (default ./bench-results).")
-    b.add_argument("which", nargs="?", choices=["model", "kernels", "all"], default="all")
+                    "bench kernels ...`: the fused head against the reference head; `lpips-fast "
+                    "bench dirs ...`: scoring folders of image files end to end, pairs/s of "
+                    "whole processes against plain loops of the official lpips and others. "
+                    "Without a kind: model and kernels, with --device, --quick and --out DIR "
+                    "(default ./bench-results).")
+    b.add_argument("which", nargs="?", choices=["model", "kernels", "dirs", "all"],
+                   default="all")
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark")
     b.set_defaults(func=commands["bench"])
 

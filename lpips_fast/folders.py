@@ -3,7 +3,8 @@
 - `list_images`, `match_by_name`, `all_pairs` enumerate `Pair`s (pure, sorted, deterministic);
 - `plan_pairs` / `plan_allpairs` order them from the image headers alone (size policy, batches
   of one size, failures known before any decoding);
-- `pair_loader`, `score_batch`, `AllPairsScorer` load (DataLoader workers) and score them.
+- `score_batch` scores a batch of `batches.BatchLoader` (dirs); `AllPairsScorer` loads
+  (DataLoader workers) and scores allpairs' images.
 """
 from __future__ import annotations
 
@@ -123,39 +124,6 @@ def all_pairs(names: list[str]) -> Iterator[tuple[str, str]]:
 
 # --- loading ----------------------------------------------------------------------------------
 
-class PairDataset(torch.utils.data.Dataset):
-    """Loads pair i as two 3 x H x W tensors in [-1, 1] at its scoring size.
-
-    Never raises for a bad file: a failure comes back as a message, so one broken file does not
-    stop the DataLoader.
-    """
-
-    def __init__(self, pairs: list[Pair], sizes: list[tuple[int, int]], resample: str):
-        self.pairs, self.sizes, self.resample = pairs, sizes, resample
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        pair, size = self.pairs[i], self.sizes[i]
-        try:
-            (a0, alpha0), (a1, alpha1) = read_image(pair.path0), read_image(pair.path1)
-        except ImageError as e:
-            return i, None, None, str(e), None
-        x0 = resize(torch.from_numpy(a0).permute(2, 0, 1), size, self.resample)
-        x1 = resize(torch.from_numpy(a1).permute(2, 0, 1), size, self.resample)
-        alpha = pair.path0 if alpha0 else pair.path1 if alpha1 else None
-        return i, x0.contiguous(), x1.contiguous(), None, alpha
-
-
-def _collate(items):
-    good = [it for it in items if it[3] is None]
-    x0 = torch.stack([it[1] for it in good]) if good else None
-    x1 = torch.stack([it[2] for it in good]) if good else None
-    return ([it[0] for it in good], x0, x1, [(it[0], it[3]) for it in items if it[3] is not None],
-            [it[4] for it in items if it[4] is not None])
-
-
 def _worker_init(_):
     torch.set_num_threads(1)  # workers decode; the model's threads stay with the main process
 
@@ -214,18 +182,8 @@ def plan_pairs(pairs: list[Pair], net: str, batch_size: int = 32, resize_policy:
     return bad, ordered, batches
 
 
-def pair_loader(ordered, batches, *, device, workers: int = 0, resample: str = "bicubic"):
-    """A DataLoader yielding, for each batch (a list of indices into `ordered`), (indices of the
-    loaded pairs, x0, x1, [(index, error)], [paths with alpha])."""
-    dataset = PairDataset([p for p, _ in ordered], [s for _, s in ordered], resample)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None)
-
-
 def score_batch(model, device, loaded) -> list[tuple[int, float | None, str | None]]:
-    """(index, value, error) for one batch from `pair_loader`, by index."""
+    """(index, value, error) for one batch from `batches.BatchLoader`, by index."""
     idx, x0, x1, failed, _ = loaded
     out = [(i, None, msg) for i, msg in failed]
     if idx:

@@ -91,8 +91,27 @@ def image_size(path) -> tuple[int, int]:
 
 def read_image(path) -> tuple[np.ndarray, bool]:
     """The file as an H x W x 3 float32 array in [-1, 1], and whether alpha was dropped."""
-    from PIL import Image
     path = Path(path)
+    return _decoded(path, lambda img: pil_to_array(img, path))
+
+
+def read_into(path, out: np.ndarray):
+    """Decode the file straight into `out` (an H x W x 3 float32 array, e.g. a batch slot) if
+    its upright size is out's: returns (True, whether alpha was dropped); else (False, what
+    read_image returns), for the caller to resize."""
+    path = Path(path)
+
+    def into(img):
+        img = upright(img)
+        if img.size != (out.shape[1], out.shape[0]):
+            return False, pil_to_array(img, path)
+        return True, pil_into(img, out, path)
+    return _decoded(path, into)
+
+
+def _decoded(path: Path, use):
+    """use(the decoded Pillow image) with every failure turned into one ImageError line."""
+    from PIL import Image
     img = _open(path)
     if getattr(img, "n_frames", 1) > 1:  # Pillow reads frame 0 unless told otherwise
         note_once("frames", f"{path} has {img.n_frames} frames (an animation or a multi-page "
@@ -100,7 +119,7 @@ def read_image(path) -> tuple[np.ndarray, bool]:
     try:
         with img:
             img.load()
-            return pil_to_array(img, path)
+            return use(img)
     except ImageError:
         raise
     except PermissionError:
@@ -132,29 +151,47 @@ def value_scale(a: np.ndarray, mode: str, name) -> float:
     return scale
 
 
-def pil_to_array(img, name="image") -> tuple[np.ndarray, bool]:
-    """A Pillow image (any mode) as H x W x 3 float32 in [-1, 1], and whether alpha was dropped.
-    `name` (the file) is what notes and errors say."""
+def upright(img):
+    """The image with its EXIF orientation applied (unreadable EXIF: as stored)."""
     from PIL import ImageOps
     try:
-        img = ImageOps.exif_transpose(img)
+        return ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - unreadable EXIF: keep the stored orientation
-        pass
+        return img
+
+
+def pil_into(img, out: np.ndarray, name="image") -> bool:
+    """Write an upright Pillow image (any mode) into `out`, an H x W x 3 float32 array (a view
+    of a batch tensor's slot: no intermediate float image), in [-1, 1]; return whether alpha
+    was dropped. 8-bit data go from the decoder's uint8 buffer to `out` in one division."""
     mode = img.mode
     had_alpha = mode in ALPHA or (mode == "P" and "transparency" in img.info)
     if mode in SIXTEEN_BIT or mode == "F":
         a = np.asarray(img).astype(np.float32)
         scale = value_scale(a, mode, name)
-        a = np.clip(a, 0, scale) / np.float32(scale / 2) - 1
+        np.clip(a, 0, scale, out=a)
+        np.divide(a, np.float32(scale / 2), out=a)
     else:
         if mode in ("RGBA", "RGBa"):
             img = img.convert("RGBA")
-        elif mode != "RGB":
+        elif mode not in ("RGB", "L"):  # L: its one channel is R, G and B (as Pillow's RGB)
             img = img.convert("RGBA" if had_alpha else "RGB")
-        a = np.asarray(img, dtype=np.float32)[..., :3] / np.float32(127.5) - 1
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    return np.ascontiguousarray(a, dtype=np.float32), had_alpha
+        a = np.asarray(img)
+        a = a[..., :3] if a.ndim == 3 else a
+        a = np.divide(a, np.float32(127.5), dtype=np.float32,
+                      out=out if a.ndim == 3 else None)
+    if a is not out:
+        out[...] = a[..., None] if a.ndim == 2 else a
+    np.subtract(out, np.float32(1), out=out)
+    return had_alpha
+
+
+def pil_to_array(img, name="image") -> tuple[np.ndarray, bool]:
+    """A Pillow image (any mode) as H x W x 3 float32 in [-1, 1], and whether alpha was dropped.
+    `name` (the file) is what notes and errors say."""
+    img = upright(img)
+    out = np.empty((img.size[1], img.size[0], 3), np.float32)
+    return out, pil_into(img, out, name)
 
 
 def load_image(path) -> torch.Tensor:

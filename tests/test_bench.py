@@ -224,3 +224,34 @@ def test_a_bad_case_is_a_one_line_error(case, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--cases", case])
     assert message in capsys.readouterr().err
+
+
+# --- benchmarks/bench_dirs.py (lpips-fast bench dirs) ---------------------------------------------
+
+def test_bench_dirs_times_whole_processes_and_compares_their_values(tmp_path):
+    import bench_dirs
+    results = bench_dirs.main(["--cases", "alex:96x64:jpg:3", "--rounds", "1", "--batch-size",
+                               "2", "--variant", "w0=--workers 0", "--work", str(tmp_path),
+                               "--out", str(tmp_path / "t.md")])
+    (label, rows, parts), = results
+    names = [r["process"] for r in rows]
+    assert names[:3] == [bench_dirs.OURS, "w0", bench_dirs.OFFICIAL]
+    assert ("torchmetrics loop" in names) == bench_dirs.installed("torchmetrics")
+    for r in rows:  # each wrote all 3 rows, the same values to the CSV's rounding (1e-6)
+        assert r["median_s"] > 0 and r["pairs_per_s"] == pytest.approx(3 / r["median_s"])
+        assert r["max_diff"] is not None and r["max_diff"] <= 2e-6, r
+    official = next(r for r in rows if r["process"] == bench_dirs.OFFICIAL)
+    assert official["vs_official"] == 1 and official["max_diff"] > 0  # a real comparison
+    assert set(parts[bench_dirs.OURS]) == {"decode", "convert", "transfer", "forward", "write"}
+    assert all(v >= 0 for v in parts[bench_dirs.OURS].values())
+    text = (tmp_path / "t.md").read_text()
+    assert "| alex 96x64 JPG, 3 pairs | w0 |" in text
+    assert ("pyiqa loop: not timed" in text) != bench_dirs.installed("pyiqa")
+
+
+def test_bench_dirs_case_errors_name_the_form():
+    import bench_dirs
+    for bad in ("alex:96x64:gif:3", "alex:96:jpg:3", "alex:96x64:jpg:0", "alex:96x64:jpg"):
+        with pytest.raises(SystemExit):
+            bench_dirs.parse_args(["--cases", bad])
+    assert bench_dirs.parse_case("vgg:1920x1080:png:5") == ("vgg", (1080, 1920), "png", 5)

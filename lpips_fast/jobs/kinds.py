@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..folders import (AllPairsScorer, Pair, all_pairs, list_images, match_by_name, pair_loader,
-                       plan_allpairs, plan_pairs, score_batch)
+from ..batches import BatchLoader, choose
+from ..folders import (AllPairsScorer, Pair, all_pairs, default_workers, list_images,
+                       match_by_name, plan_allpairs, plan_pairs, score_batch)
 from ..temporal import TemporalLPIPS
 from ..video import VideoPairs
 from .outputs import format_value
@@ -118,13 +119,16 @@ class DirsJob:
 
 
 class _DirsScorer:
-    """Loads this rank's batches with a DataLoader (worker processes) and scores them."""
+    """Loads this rank's batches (batches.BatchLoader: threads decoding into the batch's
+    tensor) and scores them."""
 
     def __init__(self, work, model, s, ctx, mine):
         self.ordered, self.batches = work
         self.model, self.device = model, ctx.device
-        self.it = iter(pair_loader(self.ordered, [self.batches[c] for c in mine],
-                                   device=ctx.device, workers=s.workers, resample=s.resample))
+        workers, prefetch = choose(s.workers, s.prefetch, ctx.device)
+        self.it = BatchLoader(self.ordered, [self.batches[c] for c in mine], device=ctx.device,
+                              workers=workers, prefetch=prefetch, resample=s.resample,
+                              decoder=s.decoder)
 
     def compute(self, c):
         loaded = next(self.it)
@@ -134,7 +138,7 @@ class _DirsScorer:
         return [(list(self.ordered[i][0].key), v, e) for i, v, e in values], loaded[4]
 
     def close(self):
-        self.it = None
+        self.it.close()
 
 
 @dataclass
@@ -186,7 +190,8 @@ class AllPairsJob:
 class _AllPairsScorer:
     def __init__(self, work, model, s):
         groups, self.items, self.keys = work
-        self.engine = AllPairsScorer(groups, model, block=s.batch_size, workers=s.workers,
+        workers = default_workers() if s.workers == "auto" else s.workers  # processes
+        self.engine = AllPairsScorer(groups, model, block=s.batch_size, workers=workers,
                                      resample=s.resample)
 
     def compute(self, c):

@@ -26,7 +26,9 @@ class Settings:
     resample: str = "bicubic"
     device: str = "auto"
     batch_size: int = 32
-    workers: int = 0
+    workers: int | str = "auto"               # dirs: loader threads; allpairs: processes
+    prefetch: int | str = "auto"              # dirs: batches decoded while one is scored
+    decoder: str = "auto"                     # dirs: pillow, torchvision (JPEG on the device)
     progress: bool | None = False             # a tqdm bar on stderr; None: when it is a terminal
     tile_size: int | None = None              # the model's exact tiling (lpips_fast.tiling)
     memory_budget: int | str | None = None    # bytes or '1GiB'; the model's tile choice
@@ -47,6 +49,8 @@ class Settings:
         return {"net": self.net, "version": self.version, "precision": self.precision,
                 "resize": self.resize, "resample": self.resample,
                 "tile-size": self.tile_size,
+                # only an explicit torchvision decode is recorded (auto: the device's choice)
+                "decoder": self.decoder if self.decoder == "torchvision" else None,
                 "memory-budget": parse_bytes(self.memory_budget, "--memory-budget"),
                 "model-path": path, "model-sha256": None if path is None else _digest(path)}
 
