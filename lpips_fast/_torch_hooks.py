@@ -9,7 +9,8 @@ newest, in CI). Private because torch has no public form of them:
 - below_autograd(), AFTER_AUTOGRAD_KEYSET: redispatch past an op's Autograd kernel;
 - fwd_grad_enabled(), set_fwd_grad_enabled(), forward_ad_level(): forward-mode AD's state;
 - SingleLevelFunction, enable_single_level_function(): autograd.Functions that torch.func
-  runs once per level (see lpips_fast._ops._function).
+  runs once per level (see lpips_fast._ops._function);
+- is_exporting(): public from torch 2.7, approximated on 2.6 (see there).
 """
 from __future__ import annotations
 
@@ -42,5 +43,14 @@ def forward_ad_level() -> int:
 
 
 def is_exporting() -> bool:
-    """torch.export recording a graph (torch.compiler.is_exporting, torch >= 2.7 public)."""
-    return getattr(torch.compiler, "is_exporting", lambda: False)()
+    """torch.export recording a graph: torch.compiler.is_exporting (public from torch 2.7).
+    torch 2.6 has no such flag; its torch.export traces with dynamo by default (strict), so
+    there any dynamo trace counts: torch.compile records the reference head too (same values;
+    the fused head under torch.compile needs torch >= 2.7), and a non-strict export
+    (strict=False) records the fused ops, which then need lpips_fast to run."""
+    if _HAS_IS_EXPORTING:
+        return torch.compiler.is_exporting()
+    return torch.compiler.is_compiling()
+
+
+_HAS_IS_EXPORTING = hasattr(torch.compiler, "is_exporting")

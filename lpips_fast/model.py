@@ -333,7 +333,10 @@ class LPIPS(nn.Module):
         measured too: no faster for alex at 64x64, 1.6x slower for vgg at 256x256 (H100,
         benchmarks/results/nvidia-h100-80gb-hbm3-tune.md)."""
         if in0.requires_grad != in1.requires_grad:
-            yield from zip(self.features(in0), self.features(in1))
+            # a loop, not `yield from zip(...)`: dynamo of torch 2.6 and 2.8 cannot send into a
+            # zip (torch.compile(fullgraph=True) broke the graph there)
+            for pair in zip(self.features(in0), self.features(in1)):
+                yield pair
             return
         n0 = in0.shape[0]
         for f in self.features(torch.cat([in0, in1])):
