@@ -3,7 +3,8 @@
 CPU kernels are always built. CUDA kernels are added when torch has CUDA and an nvcc of
 torch's CUDA major version is found; otherwise (no nvcc, another major version, an nvcc
 whose compile fails) the build goes on with the CPU kernels only and says why in one line,
-which lpips_fast/_build.json keeps for run time (`lpips-fast --version`). FORCE_CUDA=1
+which lpips_fast/_build.json keeps beside the extension for run time (`lpips-fast --version`,
+the warning on CUDA inputs). FORCE_CUDA=1
 builds the CUDA kernels or fails; LPIPS_FAST_NO_CUDA=1 builds CPU kernels only. Build with
 `pip install --no-build-isolation -e .` (an isolated build would fetch another torch); a
 wheel with `pip wheel --no-build-isolation --no-deps -w dist .` (tests/wheel_check.sh).
@@ -173,7 +174,6 @@ def main():
     if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to detect the arch from: build for Hopper (H100 / H200).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    write_build_info(HERE, why and cpu_only_line(why, torch.version.cuda))
 
     sources = ["csrc/lpips_fast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     extra = {"cxx": ["-O3", "-fopenmp"]}  # the C++ standard is chosen by torch (C++17 or C++20)
@@ -196,24 +196,36 @@ def main():
 
         def finalize_options(self):
             super().finalize_options()
-            self.build_temp = os.path.join(HERE, "build", f"ext.{sys.implementation.cache_tag}")
+            # per torch release too: a venv of another torch must not take these objects
+            tag = f"{sys.implementation.cache_tag}-torch{torch.__version__.split('+')[0]}"
+            self.build_temp = os.path.join(HERE, "build", f"ext.{tag}")
 
         def build_extension(self, ext):
             def say(reason):
                 line = cpu_only_line(reason, torch.version.cuda)
                 print(f"lpips_fast: building CPU kernels only, {line}")
 
-            if not use_cuda:
+            missing = why
+            if use_cuda:
+                print("lpips_fast: building CPU + CUDA kernels")
+                missing = build_or_fall_back(
+                    lambda: super(BuildExt, self).build_extension(ext),
+                    lambda: (_to_cpu_only(ext), super(BuildExt, self).build_extension(ext)),
+                    _flag(os.environ, "FORCE_CUDA"), say)
+            else:
                 say(why)
-                return super().build_extension(ext)
-            print("lpips_fast: building CPU + CUDA kernels")
-            failed = build_or_fall_back(
-                lambda: super(BuildExt, self).build_extension(ext),
-                lambda: (_to_cpu_only(ext), super(BuildExt, self).build_extension(ext)),
-                _flag(os.environ, "FORCE_CUDA"), say)
-            if failed:  # the package's copy was made (build_py) before the fallback
-                for root in (HERE, self.build_lib):
-                    write_build_info(root, cpu_only_line(failed, torch.version.cuda))
+                super().build_extension(ext)
+            self._record(ext, missing and cpu_only_line(missing, torch.version.cuda))
+
+        def _record(self, ext, line):
+            """_build.json beside the built extension (a wheel's build_lib), and in the
+            source tree where an editable or in-place build loads the package from."""
+            package_root = os.path.dirname(os.path.dirname(self.get_ext_fullpath(ext.name)))
+            roots = {package_root}
+            if self.inplace or getattr(self, "editable_mode", False):
+                roots.add(HERE)
+            for root in roots:
+                write_build_info(root, line)
 
     setup(**license_field(setuptools_version()), ext_modules=[ext],
           cmdclass={"build_ext": BuildExt})

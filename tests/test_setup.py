@@ -29,6 +29,12 @@ def test_cuda_plan(env, torch_cuda, nvcc, release, built, why):
     assert (reason is None) if why is None else (why in reason)
 
 
+def test_the_readme_documents_the_rebuild_command():
+    """The command the build's line names is the one the README shows."""
+    with open(f"{S.HERE}/README.md") as f:
+        assert S.REBUILD in f.read()
+
+
 def test_the_line_says_why_and_how_to_get_the_cuda_kernels():
     _, why = S.cuda_plan({}, "12.4", NVCC, "13.0")
     line = S.cpu_only_line(why, "12.4")
