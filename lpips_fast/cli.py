@@ -287,7 +287,8 @@ def cmd_demo(args) -> int:
     with torch.inference_mode():
         scores = model(x0, x1).flatten().float().cpu().tolist()
     elapsed = time.perf_counter() - t0
-    _say(f"LPIPS v{args.version}, net={args.net}, real ImageNet backbone, {_head_name(model, dev)}, "
+    head = _head_name(model, dev)
+    _say(f"LPIPS v{args.version}, net={args.net}, real ImageNet backbone, {head}, "
          f"on {dev}, {args.precision}")
     _say(f"{'distortion of a 256x256 synthetic image':42s} LPIPS   (0 = identical; higher = "
          "more different)")
