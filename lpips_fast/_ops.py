@@ -22,11 +22,14 @@ batch of 1 with ``expand`` (batch stride 0, no copy) and autograd sums its gradi
 """
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch._functorch.utils import enable_single_level_autograd_function
+from . import _torch_hooks as hooks
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 load_error: Optional[str] = None
@@ -43,6 +46,53 @@ except (ImportError, OSError) as e:  # not built, or built against another torch
 def available() -> bool:
     """True when the compiled extension loaded and its ops are registered."""
     return _loaded
+
+
+# The device types whose kernels an op namespace has (filled by register). A build without
+# the CUDA kernels (setup.py: no nvcc of torch's CUDA version) has "cpu" only.
+_KERNEL_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_kernels: dict = {}
+_warned_devices: set = set()
+BUILD_INFO = Path(__file__).with_name("_build.json")  # written by setup.py
+
+
+def has_kernels(device: torch.device, ns: str = "lpips_fast") -> bool:
+    """Whether the ops of `ns` have compiled kernels for this device."""
+    return device.type in _kernels.get(ns, ())
+
+
+def cuda_missing() -> Optional[str]:
+    """Why the CUDA kernels are missing (the build's one line, with how to get them), or
+    None where they are there."""
+    if not _loaded:
+        return f"the lpips_fast extension is not available ({load_error})"
+    if "cuda" in _kernels.get("lpips_fast", ()):
+        return None
+    try:
+        info = json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        info = {}
+    return info.get("cuda_missing") or "the extension was built without CUDA kernels"
+
+
+def kernels_summary() -> str:
+    """One line for `lpips-fast --version`: which compiled kernels this install has."""
+    if not _loaded:
+        return f"kernels: none, the pure-PyTorch reference runs ({load_error})"
+    missing = cuda_missing()
+    return "kernels: CPU + CUDA" if missing is None else f"kernels: CPU only ({missing})"
+
+
+def _reference_instead(device: torch.device):
+    """The reference head for a device whose kernels this build lacks (same values), with a
+    warning once per device type."""
+    from . import reference
+    if device.type not in _warned_devices and not torch.compiler.is_compiling():
+        _warned_devices.add(device.type)
+        why = cuda_missing() if device.type == "cuda" else "not built"
+        warnings.warn(f"lpips_fast: no compiled {device.type.upper()} kernels, running the "
+                      f"reference head (same values, slower): {why}", stacklevel=4)
+    return reference
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,7 +119,7 @@ def _broadcast(f0: torch.Tensor, f1: torch.Tensor) -> Tuple[torch.Tensor, torch.
 
 def _legacy_batched(*grads) -> bool:
     """Whether gradients come batched by torch._vmap_internals (is_grads_batched=True)."""
-    return any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads)
+    return any(g is not None and hooks.is_legacy_batched(g) for g in grads)
 
 
 def _graph_grads(f0s, f1s, weights, grad_values, grad_maps, needs):
@@ -115,6 +165,8 @@ def register(ns: str = "lpips_fast") -> None:
     """Fake kernels and autograd of the ops in torch.ops.<ns>: the extension's own, or the
     tests' CPU emulation of the CUDA kernels (lpips_fast_emu, tests/emu.py)."""
     ops = getattr(torch.ops, ns)
+    _kernels[ns] = {dev for dev, key in _KERNEL_KEYS.items()
+                    if ops.head_forward.default.has_kernel_for_dispatch_key(key)}
 
     # ----------------------------------------------------------------- fake kernels
     @torch.library.register_fake(f"{ns}::head_forward")
@@ -263,19 +315,19 @@ def _function(name, forward, backward):
     op's Autograd kernel, so it records one node per level, as the built-in ops do (the
     wrapper torch.library.register_autograd generates is rejected under torch.func:
     pytorch/pytorch#168393; its fix, #184974, builds the same kind of function)."""
-    return type(name, (torch.autograd.function._SingleLevelFunction,),
+    return type(name, (hooks.SingleLevelFunction,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward),
                  "jvp": staticmethod(_no_jvp)})
 
 
 def _apply(function, *args):
-    with enable_single_level_autograd_function():
+    with hooks.enable_single_level_function():
         return function.apply(*args)
 
 
 class _Caller(NamedTuple):
     """Where an op call came from: its dispatch keys and the caller's grad modes."""
-    keyset: torch._C.DispatchKeySet
+    keyset: hooks.DispatchKeySet
     grad: bool
     fwd_grad: bool
 
@@ -284,9 +336,9 @@ def _redispatch(op, caller: _Caller, *args):
     """The op's kernels below autograd (under torch.func: the next level down), in the
     caller's grad modes: autograd.Function.forward turns them off, but a torch.func level
     below records its own graph (grad of grad) and must see them as the caller left them."""
-    with torch._C._AutoDispatchBelowAutograd(), torch.set_grad_enabled(caller.grad), \
-            fwAD._set_fwd_grad_enabled(caller.fwd_grad):
-        return op.redispatch(caller.keyset & torch._C._after_autograd_keyset, *args)
+    with hooks.below_autograd(), torch.set_grad_enabled(caller.grad), \
+            hooks.set_fwd_grad_enabled(caller.fwd_grad):
+        return op.redispatch(caller.keyset & hooks.AFTER_AUTOGRAD_KEYSET, *args)
 
 
 def _no_jvp(ctx, *tangents):
@@ -300,14 +352,14 @@ def _differentiating(args) -> bool:
     """Whether an op call must go through its autograd.Function: reverse mode records a
     graph, or a torch.func transform (grad, jvp) or forward-mode AD wraps the inputs.
     The common cases cost two C++ checks (this runs on every call)."""
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    if torch.is_grad_enabled() and hooks.any_requires_grad(*args):
         return True
-    functorch = torch._C._are_functorch_transforms_active()
-    if not functorch and fwAD._current_level < 0:
+    functorch = hooks.functorch_active()
+    if not functorch and hooks.forward_ad_level() < 0:
         return False
     tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
                if isinstance(t, torch.Tensor)]
-    return any(torch._C._functorch.is_gradtrackingtensor(t) or
+    return any(hooks.is_gradtracking(t) or
                fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
@@ -322,9 +374,9 @@ def _register_autograd(ns: str, name: str, apply) -> None:
     def kernel(keyset, *args):
         if _differentiating(args):
             return apply(_Caller(keyset, torch.is_grad_enabled(),
-                                 torch._C._is_fwd_grad_enabled()), *args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+                                 hooks.fwd_grad_enabled()), *args)
+        with hooks.below_autograd():
+            return op.redispatch(keyset & hooks.AFTER_AUTOGRAD_KEYSET, *args)
 
     lib = _libs.setdefault(ns, torch.library.Library(ns, "IMPL"))
     lib.impl(name, kernel, "Autograd", with_keyset=True)
@@ -425,6 +477,11 @@ class Ops:
     def __init__(self, ns: str = "lpips_fast"):
         self.ns = ns
 
+    def _lacks_kernels(self, device: torch.device) -> bool:
+        """A CPU or CUDA device this build has no kernels for (other devices: the op's own
+        error, or its fake kernel on meta)."""
+        return device.type in _KERNEL_KEYS and not has_kernels(device, self.ns)
+
     def head(self, f0: torch.Tensor, f1: torch.Tensor, weight: Optional[torch.Tensor] = None,
              return_map: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Fused head of one layer: same contract as ``lpips_fast.reference.head``.
@@ -432,6 +489,8 @@ class Ops:
         Returns (value of shape N, N x 1 x h x w map or None); float32 (float64 for float64
         inputs). f0 and f1 broadcast over a batch of 1. Differentiable w.r.t. f0, f1, weight.
         """
+        if self._lacks_kernels(f0.device):
+            return _reference_instead(f0.device).head(f0, f1, weight, return_map=return_map)
         f0, f1 = _broadcast(f0, f1)
         ops = getattr(torch.ops, self.ns)
         value, dmap, _, _ = ops.head_forward(f0, f1, weight, return_map)
@@ -445,6 +504,9 @@ class Ops:
         Returns (values of shape L x N, list of N x 1 x h x w maps or None). All layers must
         share dtype, device and batch size (after broadcasting a batch of 1).
         """
+        if self._lacks_kernels(f0s[0].device):
+            return _reference_instead(f0s[0].device).head_all(f0s, f1s, weights,
+                                                              return_map=return_map)
         pairs = [_broadcast(a, b) for a, b in zip(f0s, f1s)]
         f0s = [p[0] for p in pairs]
         f1s = [p[1] for p in pairs]

@@ -12,9 +12,10 @@ import os
 from collections import namedtuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn.modules.utils import _pair
+
+from . import _torch_hooks
 
 # How the backbone runs each conv + ReLU pair: "eager" (its modules: conv with bias, ReLU) or
 # "fused" (lpips_fast._conv_ops: bias-free conv, one bias + ReLU pass; its backward one mask
@@ -275,8 +276,8 @@ class Backbone(nn.Module):
         if not _ops.available():
             raise RuntimeError(f"backbone impl 'fused' but the lpips_fast extension is not "
                                f"available ({_ops.load_error}); use 'eager'")
-        return not (recording_graph() or torch._C._are_functorch_transforms_active()
-                    or fwAD._current_level >= 0 or x.device.type not in ("cpu", "cuda"))
+        return not (recording_graph() or _torch_hooks.functorch_active()
+                    or _torch_hooks.forward_ad_level() >= 0 or not _ops.has_kernels(x.device))
 
     def taps(self, x: torch.Tensor, context=contextlib.nullcontext):
         """Yield each slice's output (the LPIPS layers) for x, by the impl in force, every

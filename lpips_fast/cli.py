@@ -86,8 +86,13 @@ def _check_budget(args, images: int) -> None:
         raise UsageError(f"--memory-budget: {e}") from None
 
 
-def _head_name(model) -> str:
-    return "fused kernels" if model._head.__module__.endswith("_ops") else "reference head"
+def _head_name(model, dev) -> str:
+    """What scores on `dev`: the fused kernels, or the reference head (also where this build
+    lacks the device's kernels: a CPU-only build on a GPU, see _ops.cuda_missing)."""
+    from . import _ops
+    if model._head.__module__.endswith("_ops") and _ops.has_kernels(torch.device(dev)):
+        return "fused kernels"
+    return "reference head"
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -96,6 +101,8 @@ def cmd_weights(args) -> int:
     """Show where each net's backbone weights come from, importing them into the cache."""
     nets = [args.net] if args.net else NETS
     failed = 0
+    from . import _ops
+    _say(_ops.kernels_summary())
     _say(f"cache: {weights.home() / 'backbones'}")
     for net in nets:
         try:
@@ -311,7 +318,8 @@ def cmd_demo(args) -> int:
     with torch.inference_mode():
         scores = model(x0, x1).flatten().float().cpu().tolist()
     elapsed = time.perf_counter() - t0
-    _say(f"LPIPS v{args.version}, net={args.net}, real ImageNet backbone, {_head_name(model)}, "
+    head = _head_name(model, dev)
+    _say(f"LPIPS v{args.version}, net={args.net}, real ImageNet backbone, {head}, "
          f"on {dev}, {args.precision}")
     _say(f"{'distortion of a 256x256 synthetic image':42s} LPIPS   (0 = identical; higher = "
          "more different)")

@@ -108,11 +108,19 @@ def _nonneg(text):
     return v
 
 
+def _version_line() -> str:
+    import torch
+    from lpips_fast import __version__, _ops
+    return f"lpips-fast {__version__}, torch {torch.__version__}, {_ops.kernels_summary()}"
+
+
 def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
     """The whole command line; `commands` maps each subcommand's name to its function."""
     p = argparse.ArgumentParser(
         prog="lpips-fast", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-V", "--version", action="version", version=_version_line(),
+                   help="the package, torch and the compiled kernels present, then exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(sp, lins=True):

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import checks, reference, tiling
+from . import _torch_hooks, checks, reference, tiling
 from .backbones import NETS, Backbone, canonical
 # check_images, parse_bytes: also imported from here (their home before checks.py)
 from .checks import check_images, nan_if_too_small, parse_bytes  # noqa: F401
@@ -123,8 +123,8 @@ def recording_graph() -> bool:
     model then runs the reference head: the recorded graph holds standard ops only, so it
     loads without the extension and ONNX can express it (torch.compile keeps the fused
     ops; it only records them to run them in the same process)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or _torch_hooks.is_exporting())
 
 
 class LPIPS(nn.Module):
@@ -334,10 +334,11 @@ class LPIPS(nn.Module):
         """Yield each layer's features of preprocessed images x, one slice at a time, under
         the model's precision: the caller consumes a layer before the next is computed, so
         without autograd only one stage's activations are alive ("streaming")."""
-        if self.channels_last and not torch._C._are_functorch_transforms_active():
+        if self.channels_last and not _torch_hooks.functorch_active():
             x = x.contiguous(memory_format=torch.channels_last)  # (vmap cannot: layout only)
         device_type = x.device.type  # (slices run eager or fused: self.backbone_impl)
-        yield from self.net.taps(x, lambda: self._precision_context(device_type))
+        for tap in self.net.taps(x, lambda: self._precision_context(device_type)):
+            yield tap  # (a loop, not `yield from`: as _features says, for dynamo 2.6)
 
     def _features(self, in0, in1):
         """Yield (f0, f1) per layer: one backbone pass over the pair when both inputs need
@@ -346,7 +347,10 @@ class LPIPS(nn.Module):
         measured too: no faster for alex at 64x64, 1.6x slower for vgg at 256x256 (H100,
         benchmarks/results/nvidia-h100-80gb-hbm3-tune.md)."""
         if in0.requires_grad != in1.requires_grad:
-            yield from zip(self.features(in0), self.features(in1))
+            # a loop, not `yield from zip(...)`: dynamo of torch 2.6 and 2.8 cannot send into a
+            # zip (torch.compile(fullgraph=True) broke the graph there)
+            for pair in zip(self.features(in0), self.features(in1)):
+                yield pair
             return
         n0 = in0.shape[0]
         for f in self.features(torch.cat([in0, in1])):
@@ -407,7 +411,7 @@ class LPIPS(nn.Module):
         compiling, recording a graph (export, trace), under torch.func transforms (vmap
         cannot read values) or capturing a CUDA graph."""
         if (torch.compiler.is_compiling() or self._range_checked or recording_graph()
-                or torch._C._are_functorch_transforms_active()):
+                or _torch_hooks.functorch_active()):
             return
         if in0.device.type == "meta" or 0 in (in0.numel(), in1.numel()) or (
                 in0.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -19,8 +19,10 @@ DEPENDS = sorted(CSRC.rglob("*.[ch]*"))  # the .cu and every header it includes
 def _build():
     from torch.utils import cpp_extension
     from lpips_fast import _ops
+    import torch
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in DEPENDS)).hexdigest()[:12]
-    build = ROOT / "build" / f"emu-{digest}"
+    # per torch release too: `make test-oldest`'s venv must not load the newest torch's build
+    build = ROOT / "build" / f"emu-{digest}-torch{torch.__version__.split('+')[0]}"
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="lpips_fast_emu", sources=[str(s) for s in SOURCES], build_directory=str(build),

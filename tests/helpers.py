@@ -392,3 +392,14 @@ def make_dirs(root, n=6, size=(64, 64)):
         a = image(d0 / f"im{i}.png", i, size)
         Image.fromarray(noisy(a, 100 + i)).save(d1 / f"im{i}.png")
     return d0, d1
+
+
+def setup_script():
+    """setup.py as a module: its decision functions, without building (main() runs only as
+    a script)."""
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lpips_fast_setup", root / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

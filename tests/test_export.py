@@ -53,8 +53,16 @@ def close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
 
 
+# torch 2.6's torch.export specializes sizes 0 and 1 (a dynamic batch there runs from 2 to a
+# finite bound) and has no deferred runtime asserts; torch >= 2.7 has neither limit.
+TORCH_2_6 = torch.__version__ < "2.7"
+
+
 def dynamic_batch():
-    batch = torch.export.Dim("batch")
+    if TORCH_2_6:
+        batch = torch.export.Dim("batch", min=2, max=2 ** 16)
+    else:
+        batch = torch.export.Dim("batch")
     return ({0: batch}, {0: batch})  # in0 and in1 share one batch size
 
 
@@ -220,6 +228,8 @@ def test_torch_export_records_the_reference_math():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(TORCH_2_6, reason="torch 2.6: no deferred runtime asserts, batch 1 "
+                    "specialized; dynamic image sizes need torch >= 2.7")
 @pytest.mark.parametrize("net", ["alex", "squeeze"])
 def test_torch_export_dynamic_image_size(net):
     """torch.export.Dim for batch, H and W, from export_minimum(net). squeeze's ceil-mode
