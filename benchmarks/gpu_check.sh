@@ -36,6 +36,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 export LPIPS_FAST_EMU=0  # the CPU emulation of the kernels is for machines without a GPU
+export FORCE_CUDA=1  # build the CUDA kernels or fail: never fall back to CPU-only (setup.py)
 T_START=$SECONDS
 
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then
@@ -102,6 +103,7 @@ if [ $BUILD_RC -eq 0 ]; then
 import torch
 from lpips_fast import _ops
 assert _ops.available(), _ops.load_error
+assert _ops.has_kernels(torch.device('cuda')), _ops.kernels_summary()  # not the reference head
 f = torch.rand(2, 8, 3, 3, device='cuda')
 print(_ops.head(f, f.flip(0))[0])"
 fi
