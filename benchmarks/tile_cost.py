@@ -27,10 +27,15 @@ def configs(tile: int, budget: str) -> dict:
             f'memory_budget="{budget}"': {"memory_budget": budget}}
 
 
-def grid(model, x0, x1, opts) -> tuple[int, float]:
-    """The tile count and the pixel ratio tiled / untiled of one configuration."""
+def configure(model, opts: dict) -> None:
+    """Set the model's tiling options to one configuration's (None where it has none)."""
     for key in ("tile_size", "memory_budget"):
         setattr(model, key, opts.get(key))
+
+
+def grid(model, x0, x1, opts) -> tuple[int, float]:
+    """The tile count and the pixel ratio tiled / untiled of one configuration."""
+    configure(model, opts)
     tile = tiling.tile_for(model, x0, x1, lambda: False)
     if tile is None:
         return 1, 1.0
@@ -64,8 +69,7 @@ def main(argv=None) -> None:
         fns, grids = {}, {}
         for name, opts in configs(args.tile, args.budget).items():
             def run(opts=opts):
-                for key in ("tile_size", "memory_budget"):
-                    setattr(model, key, opts.get(key))
+                configure(model, opts)
                 with torch.no_grad():
                     return model(x0, x1)
             fns[name] = run
