@@ -36,7 +36,7 @@ _DILATION, _OUTPUT_PADDING = [1, 1], [0, 0]
 
 
 def _conv_backward(grad, x, weight, stride, padding, mask):
-    """aten.convolution_backward with this op's fixed arguments (differentiable itself)."""
+    """aten.convolution_backward with this op's fixed arguments (the backward fakes' shapes)."""
     bias_sizes = [weight.shape[0]] if mask[2] else None
     return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding,
                                                _DILATION, False, _OUTPUT_PADDING, 1, mask)
