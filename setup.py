@@ -180,7 +180,8 @@ def main():
         # No GPU to detect the arch from: build for Hopper (H100 / H200).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
 
-    sources = ["csrc/lpips_fast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (["csrc/lpips_fast.cpp", "csrc/conv_autograd.cpp"]
+               + sorted(glob.glob("csrc/cpu/*.cpp")))
     extra = {"cxx": ["-O3", "-fopenmp"]}  # the C++ standard is chosen by torch (C++17 or C++20)
     include_dirs = [os.path.join(HERE, "csrc")]
     cls = CppExtension

@@ -14,6 +14,7 @@ only to check that it works: CPU timings say nothing about the GPU's epilogue pa
 
     python benchmarks/bench_backbone.py                      # CPU, tiny
     python benchmarks/bench_backbone.py --device cuda --out results/backbone.md
+    python benchmarks/bench_backbone.py --overhead           # per-call cost at a tiny layer
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lpips_fast import _conv_ops, _ops  # noqa: E402
 from lpips_fast.backbones import NETS  # noqa: E402
-from common import device_name, interleaved_times, warm_gpu  # noqa: E402
+from common import device_name, interleaved_times, publish, spread, warm_gpu  # noqa: E402
 
 # (net, N pairs, size, backward): bench.py's GPU cases for alex and vgg (squeeze's 1x1/3x3
 # fire convs are covered by the model-level count), tiny ones on the CPU.
@@ -59,6 +60,16 @@ def conv_layers(net, size):
 
 def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
     """Median seconds {(impl, 'fwd'|'fwdbwd'): s} for one conv layer."""
+    # the project's one timing loop: warm-up (cuDNN's algorithm choice, the allocator), then
+    # rounds running every variant once in a shuffled order
+    times = interleaved_times(layer_runs(layer, batch, dtype, device, channels_last, backward),
+                              device, warmup=1, rounds=reps)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def layer_runs(layer, batch, dtype, device, channels_last, backward):
+    """{(impl, 'fwd'|'fwdbwd'): fn} for one conv layer: fwd without a graph; fwdbwd the input
+    gradient only (frozen weights)."""
     _, cin, cout, k, st, p, s, pool = layer
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -89,10 +100,30 @@ def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
                 outs = f(xg)
                 torch.autograd.grad(outs, xg, [torch.ones_like(o) for o in outs])
             runs[(impl, "fwdbwd")] = fb
-    # the project's one timing loop: warm-up (cuDNN's algorithm choice, the allocator), then
-    # rounds running every variant once in a shuffled order
-    times = interleaved_times(runs, device, warmup=1, rounds=reps)
-    return {key: statistics.median(t) for key, t in times.items()}
+    return runs
+
+
+# --overhead: a layer so small that the per-call cost of dispatch and autograd dominates
+# (x 1x3x8x8, 3 -> 8 channels, 3x3 conv, then a 2x2 max-pool), timed per call
+OVERHEAD_LAYER = (0, 3, 8, 3, 1, 1, 8, (2, 2, False))
+
+
+def overhead(device, rounds, calls=20):
+    """The per-call time of each variant at OVERHEAD_LAYER (microseconds: median, quartiles;
+    each round times `calls` calls of every variant, variants interleaved round by round)."""
+    runs = layer_runs(OVERHEAD_LAYER, 1, torch.float32, device, False, True)
+    batched = {key: (lambda f=f: [f() for _ in range(calls)]) for key, f in runs.items()}
+    times = interleaved_times(batched, device, warmup=2, rounds=rounds, max_rounds=rounds)
+    lines = [f"# per-call overhead, conv 1x3x8x8 -> 8 channels k3 + 2x2 pool, {device_name(device)}"
+             f", fp32, {rounds} rounds of {calls} calls (us per call: median [q1, q3])", "",
+             "| variant | fwd (no grad) | fwd+bwd (grad of x) |", "|---|---|---|"]
+    for impl in dict.fromkeys(impl for impl, _ in runs):
+        cells = []
+        for kind in ("fwd", "fwdbwd"):
+            sp = spread([t / calls for t in times[(impl, kind)]])
+            cells.append(f"{sp['ms'] * 1e3:.1f} [{sp['q1_ms'] * 1e3:.1f}, {sp['q3_ms'] * 1e3:.1f}]")
+        lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv=None):
@@ -102,10 +133,15 @@ def main(argv=None):
     p.add_argument("--nchw", action="store_true", help="NCHW (default: channels_last, as LPIPS)")
     p.add_argument("--reps", type=int, default=None, help="default: 15 on CUDA, 3 on CPU")
     p.add_argument("--out", help="also write the table to this markdown file")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the per-call overhead at a tiny layer (OVERHEAD_LAYER)")
     args = p.parse_args(argv)
     if not _ops.available():
         sys.exit(f"lpips_fast extension not available: {_ops.load_error}")
     device = torch.device(args.device)
+    if args.overhead:
+        publish(overhead(device, args.reps or 30), args.out)
+        return
     gpu = device.type == "cuda"
     reps = args.reps or (15 if gpu else 3)
     if gpu:

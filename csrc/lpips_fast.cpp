@@ -1,5 +1,6 @@
 // Module init and operator registration of the lpips_fast extension (schemas: schemas.h;
-// kernels: cpu/head_cpu.cpp, cuda/head_cuda.cu; fake kernels and autograd: lpips_fast/_ops.py).
+// kernels: cpu/*.cpp, cuda/*.cu; fake kernels: lpips_fast/_ops.py, lpips_fast/_conv_ops.py;
+// autograd: the head's in lpips_fast/_ops.py, the conv ops' in conv_autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -13,6 +13,7 @@
 //   tensors inside an optional list, so their gradients would be lost).
 // conv_bias_relu: relu(conv2d(x, weight) + bias) (dilation 1, groups 1) as ATen's bias-free
 //   convolution plus one epilogue pass (csrc/conv.h); the output has the convolution's layout.
+//   Its autograd and conv_bias_relu_pool's: conv_autograd.cpp (the Autograd key).
 // conv_bias_relu_backward: gradients for x, weight, bias (output_mask selects; the others are
 //   returned empty) from the forward's output: one ReLU-mask pass, one convolution_backward.
 // conv_bias_relu_pool: (out, pooled) = (conv_bias_relu(...), max_pool2d(out, pool_kernel,

@@ -1,5 +1,6 @@
 """Python side of the fused backbone layer ops (C++: csrc/conv.h, csrc/cpu/conv_cpu.cpp,
-csrc/cuda/conv_cuda.cu): fake kernels, autograd, the autocast-aware wrapper.
+csrc/cuda/conv_cuda.cu; autograd: csrc/conv_autograd.cpp): fake kernels, the autocast-aware
+wrapper.
 
 - ``conv_bias_relu(x, weight, bias, stride[2], padding[2]) -> out``
   = relu(conv2d(x, weight, bias, stride, padding)): ATen's bias-free convolution, then one
@@ -16,13 +17,14 @@ csrc/cuda/conv_cuda.cu): fake kernels, autograd, the autocast-aware wrapper.
   recomputed from out, nothing else saved; the ReLU mask; + grad_out), one
   convolution_backward.
 
-Autograd returns every gradient that is asked for (input, weight, bias). A backward that
-records a graph (create_graph=True) runs eager's own differentiable formulas
+Autograd (C++, registered for the Autograd key, no Python per call) returns the gradients
+that the backward call needs (input, weight, bias), through the backward ops above; a
+backward that records a graph (create_graph=True) runs eager's own differentiable formulas
 (threshold_backward, max_pool2d_with_indices_backward, convolution_backward), so
 second-order gradients are eager's.
 Not supported through these ops, the backbone takes its eager modules there instead
 (lpips_fast.backbones): torch.func transforms (vmap, grad, jacrev, ...) and forward-mode AD
-(register_autograd's function is rejected under torch.func), graphs recorded for export.
+(a C++ autograd Function raises under both), graphs recorded for export.
 """
 from __future__ import annotations
 
@@ -34,16 +36,15 @@ _DILATION, _OUTPUT_PADDING = [1, 1], [0, 0]
 
 
 def _conv_backward(grad, x, weight, stride, padding, mask):
-    """aten.convolution_backward with this op's fixed arguments (differentiable itself)."""
+    """aten.convolution_backward with this op's fixed arguments (the backward fakes' shapes)."""
     bias_sizes = [weight.shape[0]] if mask[2] else None
     return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding,
                                                _DILATION, False, _OUTPUT_PADDING, 1, mask)
 
 
 def register(ns: str = "lpips_fast") -> None:
-    """Fake kernels and autograd of the conv ops in torch.ops.<ns> (the extension's, or the
-    tests' CPU emulation of the CUDA kernels)."""
-    ops = getattr(torch.ops, ns)
+    """Fake kernels of the conv ops in torch.ops.<ns> (the extension's, or the tests' CPU
+    emulation of the CUDA kernels; their autograd is C++, csrc/conv_autograd.cpp)."""
 
     @torch.library.register_fake(f"{ns}::conv_bias_relu")
     def _fwd_fake(x, weight, bias, stride, padding):
@@ -70,45 +71,6 @@ def register(ns: str = "lpips_fast") -> None:
     def _pool_bwd_fake(grad_out, grad_pooled, out, x, weight, stride, padding, pool_kernel,
                        pool_stride, ceil_mode, output_mask):
         return _bwd_fake(out, out, x, weight, stride, padding, output_mask)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding, *pool = inputs
-        out = output[0] if pool else output
-        ctx.save_for_backward(x, weight, out)
-        ctx.stride, ctx.padding = list(stride), list(padding)
-        if pool:  # a gradient that reaches only one of (out, pooled) leaves the other None
-            ctx.pool = [list(pool[0]), list(pool[1]), bool(pool[2])]
-            ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad, grad_pooled=None):
-        x, weight, out = ctx.saved_tensors
-        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-        nones = (None,) * (8 if hasattr(ctx, "pool") else 5)  # one per input of the op
-        if not any(mask) or (grad is None and grad_pooled is None):
-            return nones
-        args = (x, weight, ctx.stride, ctx.padding, mask)
-        if torch.is_grad_enabled():  # create_graph: eager's differentiable formulas
-            if grad_pooled is not None:
-                grad = _pool_backward(grad, grad_pooled, out, *ctx.pool)
-            grads = _conv_backward(torch.ops.aten.threshold_backward(grad, out, 0), *args)
-        elif grad_pooled is None:
-            grads = ops.conv_bias_relu_backward(grad, out, *args)
-        else:
-            grads = ops.conv_bias_relu_pool_backward(grad, grad_pooled, out, x, weight,
-                                                     ctx.stride, ctx.padding, *ctx.pool, mask)
-        return (*(g if m else None for g, m in zip(grads, mask)), *nones[3:])
-
-    for op in ("conv_bias_relu", "conv_bias_relu_pool"):
-        torch.library.register_autograd(f"{ns}::{op}", backward, setup_context=setup_context)
-
-
-def _pool_backward(grad, grad_pooled, out, kernel, stride, ceil_mode):
-    """grad (or None) + the max-pool's input gradient, by eager's differentiable ops."""
-    idx = torch.ops.aten.max_pool2d_with_indices(out.detach(), kernel, stride, [0, 0],
-                                                 _DILATION, ceil_mode)[1]
-    g = torch.ops.aten.max_pool2d_with_indices_backward(grad_pooled, out, kernel, stride,
-                                                        [0, 0], _DILATION, ceil_mode, idx)
-    return g if grad is None else grad + g
 
 
 def _autocast_args(*tensors):

@@ -27,9 +27,13 @@ Exactness, and the tolerances where there is none (why):
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lpips_fast
 from lpips_fast import _conv_ops, _ops
@@ -176,11 +180,97 @@ def test_gradcheck_and_second_order(device):
                               x, wt, b)
 
 
+# -------------------------------------------- the ops' autograd (C++, csrc/conv_autograd.cpp)
+AUTOGRAD_OPS = ["conv_bias_relu", "conv_bias_relu_pool"]
+
+
+def fused_outputs(op, ns, x, wt, b, stride, padding):
+    """The op's outputs as a tuple; conv_bias_relu_pool with a 2x2 stride-2 pool."""
+    if op == "conv_bias_relu":
+        return (getattr(torch.ops, ns).conv_bias_relu(x, wt, b, stride, padding),)
+    return getattr(torch.ops, ns).conv_bias_relu_pool(x, wt, b, stride, padding, [2, 2], [2, 2],
+                                                      False)
+
+
+def python_frames(fn):
+    """The source files of the Python functions that fn() calls (sys.setprofile)."""
+    files = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            files.append(frame.f_code.co_filename)
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return files
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+@pytest.mark.parametrize("op", AUTOGRAD_OPS)
+def test_autograd_runs_in_cpp(device, op):
+    """The graph node is the C++ autograd function, and neither the op's forward nor its
+    backward calls into torch's Python custom-op autograd, autograd.Function, or
+    lpips_fast's Python code (a Python-registered autograd would call all three)."""
+    x, wt, b, stride, padding = make(CASES[0], torch.float32, device, "nchw", requires_grad=True)
+    ns = conv_ns(device)
+    outs = []
+    files = python_frames(lambda: outs.extend(fused_outputs(op, ns, x, wt, b, stride, padding)))
+    assert "ConvBiasRelu" in outs[0].grad_fn.name()
+    assert not isinstance(outs[0].grad_fn, torch.autograd.function.BackwardCFunction)
+    grads = [torch.randn_like(o) for o in outs]
+    files += python_frames(lambda: torch.autograd.grad(outs, (x, wt, b), grads))
+    python_autograd = (os.path.dirname(lpips_fast.__file__) + os.sep,
+                       os.path.join(os.path.dirname(torch.__file__), "_library") + os.sep,
+                       torch.autograd.function.__file__)
+    assert files and not [f for f in files if f.startswith(python_autograd)]
+
+
+class BackwardMasks(TorchDispatchMode):
+    """The output_mask of every backward op call: the fused ops' own backward ops (a
+    backward without a graph) and aten::convolution_backward (one that records a graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.endswith(("conv_bias_relu_backward", "conv_bias_relu_pool_backward",
+                          "aten::convolution_backward")):
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+@pytest.mark.parametrize("op", AUTOGRAD_OPS)
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_backward_computes_only_needed_gradients(device, op, create_graph):
+    """The backward asks convolution_backward for the gradients this backward call needs,
+    no more: none for a frozen weight and bias, and none for ones that require grad but are
+    not among torch.autograd.grad's inputs (a frozen backbone's training step: input only)."""
+    x, wt, b, stride, padding = make(CASES[0], torch.float32, device, "nchw")
+    ns = conv_ns(device)
+    for requires, wanted in [((True, False, False), (x,)), ((True, True, True), (x,)),
+                             ((True, True, True), (wt,)), ((False, True, True), (b,)),
+                             ((True, True, True), (x, wt, b))]:
+        for t, r in zip((x, wt, b), requires):
+            t.requires_grad_(r)
+        outs = fused_outputs(op, ns, x, wt, b, stride, padding)
+        grads = [torch.randn_like(o) for o in outs]
+        with BackwardMasks() as seen:
+            got = torch.autograd.grad(outs, wanted, grads, create_graph=create_graph)
+        assert seen.masks == [[any(t is w for w in wanted) for t in (x, wt, b)]], (requires,
+                                                                                   seen.masks)
+        assert all(g is not None and g.shape == w.shape for g, w in zip(got, wanted))
+
+
 @pytest.mark.parametrize("ns", ["lpips_fast", "lpips_fast_emu"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_opcheck(ns, layout):
     x, wt, b, stride, padding = make(CASES[0], torch.float32, "cpu", layout, requires_grad=True)
-    op = getattr(torch.ops, ns)
+    op = conv_ops("emu" if ns.endswith("emu") else "cpu")  # (builds the emulation if need be)
     torch.library.opcheck(op.conv_bias_relu, (x, wt, b, stride, padding))
     out = op.conv_bias_relu(x, wt, b, stride, padding).detach()
     for mask in ([True, False, False], [True, True, True]):

@@ -182,6 +182,30 @@ def test_profile_kernels_runs_on_the_cpu(tmp_path):
     assert "| op | calls | ms | % of total | GFLOP | TFLOP/s | % of peak |" in text
 
 
+@needs_ext
+def test_backbone_overhead_reports_the_time_per_call(monkeypatch):
+    """bench_backbone.py --overhead: each variant (eager, fused, fused+pool; fwd, fwd+bwd)
+    runs `calls` calls per timed round, and the table gives a round's time over `calls`."""
+    import bench_backbone
+    calls_per_round, given = {}, {}
+
+    def rounds_of(fns, device, warmup, rounds, max_rounds):
+        for i, (key, fn) in enumerate(fns.items()):
+            calls_per_round[key] = len(fn())  # (a round: the list of its calls' outputs)
+            given[key] = (i + 1) * 1e-5 * calls_per_round[key]  # (i + 1) * 10 us per call
+        return {key: [t] * rounds for key, t in given.items()}
+    monkeypatch.setattr(bench_backbone, "interleaved_times", rounds_of)
+    table = bench_backbone.overhead("cpu", rounds=3, calls=4)
+    assert set(calls_per_round.values()) == {4} and len(calls_per_round) == 6
+    rows = {line.split(" | ")[0][2:]: line for line in table if line.startswith("| ") and
+            "variant" not in line}
+    assert list(rows) == ["eager", "fused", "fused+pool"]
+    for impl, line in rows.items():
+        for kind in ("fwd", "fwdbwd"):
+            per_call = given[(impl, kind)] / 4 * 1e6
+            assert f"{per_call:.1f} [{per_call:.1f}, {per_call:.1f}]" in line
+
+
 def _event(id, name, device="cpu", us=0.0, owner=0, flops=None, parent=None):
     from types import SimpleNamespace
     from torch.autograd import DeviceType

@@ -397,5 +397,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem,
 #include "../cuda/head_cuda.cu"
 #include "../cuda/conv_cuda.cu"
 #include "../cuda/conv_pool_cuda.cu"
+// The fused conv ops' autograd, registered for lpips_fast_emu (LF_OPS_NAMESPACE of launch.h).
+#include "../conv_autograd.cpp"
 
 TORCH_LIBRARY(lpips_fast_emu, m) { lpips_fast::define_schemas(m); }
