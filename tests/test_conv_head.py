@@ -29,16 +29,10 @@ from lpips_fast import _conv_head, _conv_ops, _ops, backbones, model as model_mo
 from lpips_fast.backbones import BACKBONE_ENV
 from helpers import DEVICES, conv_ns, make_conv, ops, randomize_lins, same_layout
 
-pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
+pytestmark = [pytest.mark.skipif(not _ops.available(),
+                                 reason=f"extension not built: {_ops.load_error}"),
+              pytest.mark.usefixtures("conv_exact")]  # (conftest.py)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def nan_fill(monkeypatch):
-    monkeypatch.setenv("LPIPS_FAST_DEBUG_NAN_FILL", "1")
-    monkeypatch.delenv(BACKBONE_ENV, raising=False)
-    # bit-exact gradient comparisons need cuDNN's weight gradient to be run-to-run exact
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
 
 
 # (2N, Cin, H, W, Cout, kernel, stride, padding): odd sizes; 70 channels (several warps per
