@@ -178,8 +178,7 @@ A fwd_block(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
 
 // The prologue (head.h) of one block: the tap of both inputs, relu(y + b), written for the
 // block's pixels; the block's head then reads the tap (from cache) with the code above, so
-// the CPU twin of the CUDA prologue shares its per-pixel math. `tap`: d with f0 / f1 the
-// taps, no prologue.
+// the CPU twin of the CUDA prologue shares its per-pixel math.
 template <typename T, typename A>
 void prologue_block(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
   const int64_t p0 = b * kBlock, cnt = std::min(kBlock, d.P - p0);
@@ -198,6 +197,7 @@ void prologue_block(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
   }
 }
 
+// d as the head reads it after prologue_block: f0 / f1 the taps, no prologue.
 template <typename T, typename A>
 LayerDesc<T, A> tap_desc(LayerDesc<T, A> d) {
   if (d.bias == nullptr) return d;
