@@ -240,6 +240,21 @@ def test_model_takes_heads_from_epilogues(monkeypatch, net, want, spatial):
     assert head_calls(lambda: m(in0, in1)) == want
 
 
+def test_model_under_bf16(monkeypatch):
+    """precision="bf16" (the op casts as autocast casts conv2d; the head reads bfloat16 taps)
+    and the caller's autocast: scores equal the "fused" impl's bit for bit."""
+    m = streaming_model("alex", monkeypatch, precision="bf16")
+    in0, in1 = pair()
+    assert head_calls(lambda: scores(m, in0, in1, "fused-head")) == 3
+    (got, got_layers), (ref, ref_layers) = (scores(m, in0, in1, impl)
+                                            for impl in ("fused-head", "fused"))
+    assert torch.equal(got, ref) and all(torch.equal(a, e) for a, e in zip(got_layers, ref_layers))
+    m.precision = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head_calls(lambda: scores(m, in0, in1, "fused-head")) == 3
+        assert torch.equal(scores(m, in0, in1, "fused-head")[0], scores(m, in0, in1, "fused")[0])
+
+
 def test_model_falls_back_where_it_does_not_apply(monkeypatch):
     """Today's path (no conv_bias_relu_head call, the same scores) where the fused head does
     not apply: the "fused" impl, the two inputs in separate backbone passes (other gradient
@@ -284,3 +299,16 @@ def test_backbone_alone_runs_as_fused(monkeypatch):
         net.impl = "fused"
         want = net(x)
     assert all(torch.equal(a, e) for a, e in zip(got, want))
+
+
+def test_compile_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) traces the fused-head streaming forward (the op's fake
+    kernel); the bound is tests/test_compile.py's (inductor reorders the scaling layer's and
+    the surrounding ops' arithmetic: ~1e-6 relative)."""
+    m = streaming_model("alex", monkeypatch)
+    m.backbone_impl = "fused-head"
+    in0, in1 = pair()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(in0, in1), m(in0, in1),
+                                   rtol=1e-5, atol=1e-7)
