@@ -7,6 +7,13 @@ variant, and a third variant, "fused+pool", computes the pool in the conv's epil
 (conv_bias_relu_pool; backward: one pass for pool, mask and the tap's gradient); the
 backward then gets a gradient at both outputs, as in LPIPS (the tap feeds the head).
 
+With --head: instead, the slice-ending convs that no max-pool follows (alex relu3-5, vgg
+relu5_3 at the large forward-only cases, where the model streams), forward only: the
+"fused" backbone's epilogue then the head on the tap (3 x the tap's bytes: epilogue reads
+y and writes the tap, the head reads the tap) against conv_bias_relu_head, whose head reads y
+and writes the tap itself (2 x; lpips_fast._conv_head, backbone impl "fused-head"), and the
+bias-free convolution alone, so that the table shows the part after the convolution.
+
 Each layer runs at the shapes the benchmark cases give it (a pair in one pass: batch 2N).
 The variants run round by round in a shuffled order (common.interleaved_times, so clock and
 thermal drift hit all alike); medians of the rounds, CUDA events on a GPU. On the CPU it runs tiny cases
@@ -15,6 +22,7 @@ only to check that it works: CPU timings say nothing about the GPU's epilogue pa
     python benchmarks/bench_backbone.py                      # CPU, tiny
     python benchmarks/bench_backbone.py --device cuda --out results/backbone.md
     python benchmarks/bench_backbone.py --overhead           # per-call cost at a tiny layer
+    python benchmarks/bench_backbone.py --device cuda --head --out results/backbone-head.md
 """
 from __future__ import annotations
 
@@ -28,15 +36,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lpips_fast import _conv_ops, _ops  # noqa: E402
+from lpips_fast import _conv_head, _conv_ops, _ops  # noqa: E402
 from lpips_fast.backbones import NETS  # noqa: E402
 from common import device_name, interleaved_times, publish, spread, warm_gpu  # noqa: E402
+from lpips_fast.bench.limits import device_limits  # noqa: E402
 
 # (net, N pairs, size, backward): bench.py's GPU cases for alex and vgg (squeeze's 1x1/3x3
 # fire convs are covered by the model-level count), tiny ones on the CPU.
 GPU_CASES = [("alex", 32, 64, True), ("alex", 1, 1024, False), ("vgg", 16, 256, True),
              ("vgg", 1, 2048, False)]
 CPU_CASES = [("alex", 2, 64, True), ("vgg", 1, 32, True)]
+# --head: (net, N pairs, size): the forward-only cases whose model streams (head per layer)
+GPU_HEAD_CASES = [("alex", 1, 1024), ("vgg", 1, 2048)]
+CPU_HEAD_CASES = [("alex", 1, 64), ("vgg", 1, 32)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,6 +70,78 @@ def conv_layers(net, size):
     return out
 
 
+def head_layers(net, size):
+    """The convs of conv_layers(net, size) whose ReLU ends a slice (an LPIPS tap) that no
+    max-pool follows: where the "fused-head" impl takes the head from the epilogue."""
+    ends = {stop - 1 for _, stop in NETS[net][1]}
+    return [layer for layer in conv_layers(net, size) if layer[0] + 1 in ends and layer[7] is None]
+
+
+def make_layer(layer, batch, dtype, device, channels_last):
+    """(x, weight, bias) of one conv layer: randn input, unit-variance weights."""
+    _, cin, cout, k, _, _, s, _ = layer
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, cin, s, s, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
+    b = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
+    return x, w.contiguous(memory_format=fmt), b
+
+
+def bench_head_layer(layer, batch, dtype, device, channels_last, reps):
+    """Median seconds {variant: s} of one tap's conv + epilogue + LPIPS head, forward: the
+    bias-free conv alone, "epilogue+head" (conv_bias_relu, then the head op on the tap's
+    halves) and "prologue" (conv_bias_relu_head), interleaved round by round."""
+    _, _, cout, _, st, p, _, _ = layer
+    x, w, b = make_layer(layer, batch, dtype, device, channels_last)
+    lw = torch.rand(1, cout, 1, 1, generator=torch.Generator().manual_seed(1)).to(device)
+    n = batch // 2
+
+    def conv():
+        torch.ops.aten.convolution(x, w, None, (st, st), (p, p), (1, 1), False, (0, 0), 1)
+
+    def epilogue_head():
+        tap = _conv_ops.conv_bias_relu(x, w, b, (st, st), (p, p))
+        _ops.head(tap[:n], tap[n:], lw)
+
+    def prologue():
+        _conv_head.conv_bias_relu_head(x, w, b, (st, st), (p, p), lw, False)
+
+    runs = {"conv": conv, "epilogue+head": epilogue_head, "prologue": prologue}
+    with torch.no_grad():
+        times = interleaved_times(runs, device, warmup=1, rounds=reps)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def head_table(cases, dtype_name, device, channels_last, reps):
+    """The --head table's lines (see the top)."""
+    dtype = DTYPES[dtype_name]
+    hbm = (device_limits(device_name(device)) or {}).get("hbm") if device.type == "cuda" else None
+    lines = [f"# the LPIPS head of a tap no pool follows: epilogue + head vs the head's "
+             f"prologue, {device_name(device)}, {dtype_name}, "
+             f"{'channels_last' if channels_last else 'NCHW'}, forward, medians of {reps} (ms; "
+             "after conv: the variant less the bias-free conv alone; E: the tap's bytes)", "",
+             "| case | layer | tap | E (MB) | bytes: epilogue+head / prologue | E at HBM: the saving (ms) "
+             "| conv | epilogue+head | prologue | after conv: epilogue+head | prologue | x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for net, n, size in cases:
+        for layer in head_layers(net, size):
+            t = bench_head_layer(layer, 2 * n, dtype, device, channels_last, reps)
+            _, _, cout, k, st, p, s, _ = layer
+            h = (s + 2 * p - k) // st + 1
+            e = 2 * n * cout * h * h * torch.finfo(dtype).bits // 8
+            after = {v: t[v] - t["conv"] for v in ("epilogue+head", "prologue")}
+            ratio = after["epilogue+head"] / after["prologue"] if after["prologue"] > 0 else None
+            cells = [f"{net} {n}x{size}", f"features.{layer[0]}", f"{2 * n}x{cout}x{h}x{h}",
+                     f"{e / 1e6:.3g}", "3E / 2E", f"{e / (hbm * 1e12) * 1e3:.3f}" if hbm else "-",
+                     *(_ms(t[v]) for v in ("conv", "epilogue+head", "prologue")),
+                     *(_ms(after[v]) for v in ("epilogue+head", "prologue")),
+                     f"{ratio:.2f}" if ratio is not None else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
     """Median seconds {(impl, 'fwd'|'fwdbwd'): s} for one conv layer."""
     # the project's one timing loop: warm-up (cuDNN's algorithm choice, the allocator), then
@@ -70,13 +154,8 @@ def bench_layer(layer, batch, dtype, device, channels_last, backward, reps):
 def layer_runs(layer, batch, dtype, device, channels_last, backward):
     """{(impl, 'fwd'|'fwdbwd'): fn} for one conv layer: fwd without a graph; fwdbwd the input
     gradient only (frozen weights)."""
-    _, cin, cout, k, st, p, s, pool = layer
-    g = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch, cin, s, s, generator=g).to(device, dtype).contiguous(memory_format=fmt)
-    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(device, dtype)
-    w = w.contiguous(memory_format=fmt)
-    b = (torch.randn(cout, generator=g) * 0.1).to(device, dtype)
+    _, _, _, _, st, p, _, pool = layer
+    x, w, b = make_layer(layer, batch, dtype, device, channels_last)
     impls = {
         "eager": lambda x: (F.relu(F.conv2d(x, w, b, st, p), inplace=True),),
         "fused": lambda x: (_conv_ops.conv_bias_relu(x, w, b, (st, st), (p, p)),),
@@ -135,6 +214,8 @@ def main(argv=None):
     p.add_argument("--out", help="also write the table to this markdown file")
     p.add_argument("--overhead", action="store_true",
                    help="only the per-call overhead at a tiny layer (OVERHEAD_LAYER)")
+    p.add_argument("--head", action="store_true",
+                   help="only the head-from-the-epilogue table (see the top)")
     args = p.parse_args(argv)
     if not _ops.available():
         sys.exit(f"lpips_fast extension not available: {_ops.load_error}")
@@ -147,6 +228,13 @@ def main(argv=None):
     if gpu:
         torch.backends.cudnn.benchmark = False  # the model's default: heuristics pick
         warm_gpu(device)
+    if args.head:
+        lines = head_table(GPU_HEAD_CASES if gpu else CPU_HEAD_CASES, args.dtype, device,
+                           not args.nchw, reps)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     lines = [f"# conv + bias + ReLU [+ max-pool]: eager vs fused vs fused+pool, "
              f"{device_name(device)}, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}, "
              f"medians of {reps} (ms; x: eager's time over the variant's)", "",

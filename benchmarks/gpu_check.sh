@@ -115,7 +115,7 @@ if [ $BUILD_RC -eq 0 ]; then
   $PYTHON -c "import xdist" 2>/dev/null && XDIST="-n 4"
   step pytest-cuda 240 $PYTHON -m pytest -m cuda tests/test_kernels.py tests/test_cuda_model.py \
     tests/test_func.py tests/test_metric.py tests/test_backbone_fused.py tests/test_conv_pool.py \
-    -q -p no:cacheprovider $XDIST &
+    tests/test_conv_head.py -q -p no:cacheprovider $XDIST &
   for tool in memcheck racecheck synccheck; do
     step "sanitizer-$tool" 240 "$SAN" --tool $tool --error-exitcode 1 \
       $PYTHON benchmarks/bench_head.py --memcheck-case --device cuda &
@@ -124,8 +124,12 @@ if [ $BUILD_RC -eq 0 ]; then
   # backward): memcheck over their CUDA op tests in float32 and bfloat16 (no shared memory,
   # so racecheck and synccheck have nothing to check).
   step sanitizer-conv 240 "$SAN" --tool memcheck --error-exitcode 1 $PYTHON -m pytest -m cuda \
-    tests/test_backbone_fused.py tests/test_conv_pool.py -q -p no:cacheprovider \
-    -k "(forward or backward_op or gradients or ties) and (float32 or bfloat16)" &
+    tests/test_backbone_fused.py tests/test_conv_pool.py tests/test_conv_head.py -q \
+    -p no:cacheprovider -k "(forward or backward_op or gradients or ties) and (float32 or bfloat16)" &
+  # The head kernels with the prologue (conv_bias_relu_head: the tap written by the head's
+  # forward kernels, which share memory across warps): racecheck over their forward tests.
+  step sanitizer-conv-head-race 240 "$SAN" --tool racecheck --error-exitcode 1 $PYTHON -m pytest \
+    -m cuda tests/test_conv_head.py -q -p no:cacheprovider -k "forward and float32" &
   # The official code needs ~10 GiB at vgg 2048; at most 1/4 of that is the target.
   step memory-2048 200 $PYTHON benchmarks/memory.py --device cuda --sizes 2048 --budget 2GiB \
     --skip --out "$RESDIR/$SLUG-memory.md" &
@@ -167,6 +171,11 @@ if [ $BUILD_RC -eq 0 ]; then
   # bf16: where issue 19 measured the convolutions at ~37% of peak (the first conv's 3 channels?)
   step bench-backbone-bf16 90 $PYTHON benchmarks/bench_backbone.py --device cuda --reps 10 \
     --dtype bf16 --out "$RESDIR/$SLUG-backbone-bf16.md"
+  # A tap no pool follows (alex 1024 relu3-5, vgg 2048 relu5_3): the head's prologue (reads y,
+  # writes the tap: 2 x its bytes) against epilogue + head (3 x): picks whether the "fused-head"
+  # backbone impl pays (GPU_NOTES "Fused backbone"). Estimated 15-25 s.
+  step bench-backbone-head 60 $PYTHON benchmarks/bench_backbone.py --device cuda --head \
+    --out "$RESDIR/$SLUG-backbone-head.md"
   # Issue 24: folders scored end to end (files to CSV, whole processes) against the plain
   # official loop on this GPU (target >= 5x for 512x384 JPEG; pairs/s for 1920x1080), and
   # torchvision's GPU JPEG decode (--decoder auto) against Pillow's on the real pairs.

@@ -158,6 +158,15 @@ struct FwdPlan {
   Tensor values;          // L x N, acc dtype
   std::vector<Tensor> dmaps, r0s, r1s;
   at::ScalarType dtype, acc;
+  // The head's prologue (head.h; set by conv_head.h for its one layer, else empty): the
+  // bias (C elements, the features' dtype) and the taps the kernels write (v0's / v1's
+  // sizes and strides).
+  struct Prologue {
+    Tensor bias, out0, out1;
+  };
+  std::vector<Prologue> prologue;
+
+  bool has_prologue(size_t l) const { return l < prologue.size() && prologue[l].bias.defined(); }
 };
 
 inline FwdPlan plan_forward(at::TensorList f0s, at::TensorList f1s,
@@ -290,6 +299,12 @@ LayerDesc<T, A> base_desc(const FwdPlan& plan, size_t l) {
   d.r0 = plan.r0s[l].mutable_data_ptr<A>();
   d.r1 = plan.r1s[l].mutable_data_ptr<A>();
   d.dmap = plan.dmaps[l].numel() > 0 ? plan.dmaps[l].mutable_data_ptr<A>() : nullptr;
+  if (plan.has_prologue(l)) {
+    const auto& pro = plan.prologue[l];
+    d.bias = pro.bias.template const_data_ptr<T>();
+    d.o0 = pro.out0.template mutable_data_ptr<T>();
+    d.o1 = pro.out1.template mutable_data_ptr<T>();
+  }
   return d;
 }
 

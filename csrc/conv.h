@@ -8,10 +8,7 @@
 //           then ONE at::convolution_backward(g, ...) for the gradients output_mask asks for
 //           (input, weight, bias: bias_sizes given only when the bias gradient is wanted).
 //
-// Rounding, per element, exactly as PyTorch's separate bias add and ReLU: y + b computed in
-// the op-math type (float for half/bfloat16, the dtype itself for float/double), rounded
-// once to the dtype; ReLU keeps NaN (torch.relu does) and is applied after the rounding
-// (rounding is monotone and rounds 0 to 0, so before or after gives the same bits).
+// Rounding, per element, exactly as PyTorch's separate bias add and ReLU (bias_relu.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,16 +24,10 @@
 #include <limits>
 #include <tuple>
 
+#include "bias_relu.h"
 #include "common.h"
 
 namespace lpips_fast {
-
-template <typename T, typename A>
-C10_HOST_DEVICE inline T bias_relu(T y, T b) {
-  const A v = static_cast<A>(static_cast<A>(y) + static_cast<A>(b));
-  const T r = static_cast<T>(v);
-  return static_cast<A>(r) < A(0) ? T(0) : r;  // NaN < 0 is false: NaN stays NaN
-}
 
 template <typename T>
 C10_HOST_DEVICE inline T relu_mask(T out, T grad) {

@@ -15,6 +15,12 @@
 //   dL/dw_c  = sum_{n,p} u(p) (a0 f0_c - a1 f1_c)^2
 // At r = 0 (an all-zero vector) the second term is 0: the gradient stays finite.
 //
+// Prologue (op conv_bias_relu_head, csrc/conv_head.h): with `bias` set, f0 / f1 are the
+// bias-free convolution's output y and the features are relu(y + b_c) (bias_relu.h, the
+// epilogue's rounding); the kernel that first reads an element also writes that feature to
+// o0 / o1 (the tap, for the rest of the network and autograd; f's strides), so y is read
+// once and the tap written once, instead of an epilogue pass and the head reading the tap.
+//
 // Layout: every feature tensor is addressed as base + n*sN + c*sC + p*sP with p = y*w + x,
 // which covers NCHW-contiguous (sC = P, sP = 1), channels_last (sC = 1, sP = C) and a batch
 // broadcast by expand (sN = 0) without copies.
@@ -25,6 +31,8 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+
+#include "bias_relu.h"
 
 namespace lpips_fast {
 
@@ -62,7 +70,31 @@ struct LayerDesc {
   int64_t nblocks;  // blocks per sample
   int64_t pix_per_block;
   int32_t chfast;   // channels contiguous (channels_last): cooperate over channels
+  // forward prologue (see the top), or nullptr
+  const T* bias;    // C elements
+  T* o0;            // the taps, addressed with f0's / f1's strides
+  T* o1;
 };
+
+// Feature c at offset `off` of a pixel's base pointer f: f itself, or with the prologue
+// (PRO, bias != nullptr) relu(y + b_c). load_feature_first also writes the prologue's
+// feature to out + off (out: the tap at the same pixel): for the pass that reads it first.
+template <bool PRO, typename T, typename A>
+C10_HOST_DEVICE inline A load_feature(const T* f, const T* bias, int64_t c, int64_t off) {
+  if constexpr (PRO) return static_cast<A>(bias_relu<T, A>(f[off], bias[c]));
+  return static_cast<A>(f[off]);
+}
+
+template <bool PRO, typename T, typename A>
+C10_HOST_DEVICE inline A load_feature_first(const T* f, T* out, const T* bias, int64_t c,
+                                            int64_t off) {
+  if constexpr (PRO) {
+    const T v = bias_relu<T, A>(f[off], bias[c]);
+    out[off] = v;
+    return static_cast<A>(v);
+  }
+  return static_cast<A>(f[off]);
+}
 
 template <typename A>
 C10_HOST_DEVICE inline A inv_norm(A r) {

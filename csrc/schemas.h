@@ -21,6 +21,10 @@
 // conv_bias_relu_pool_backward: gradients for x, weight, bias from the gradients of out (none
 //   when no gradient reached it) and pooled: one pass (window argmax recomputed from out,
 //   ReLU mask), one convolution_backward.
+// conv_bias_relu_head: (out, value, dmap, r0, r1) = (conv_bias_relu(...) of x's 2N samples,
+//   and head_forward(out[:N], out[N:], lin_weight, return_map)) with the head's first read
+//   taken from the epilogue (csrc/conv_head.h). Its backward is head_backward, then
+//   conv_bias_relu_backward (lpips_fast/_conv_head.py).
 #pragma once
 
 #include <torch/library.h>
@@ -57,6 +61,10 @@ inline void define_schemas(torch::Library& m) {
       "Tensor weight, int[2] stride, int[2] padding, int[2] pool_kernel, int[2] pool_stride, "
       "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
       "Tensor grad_bias)");
+  m.def(
+      "conv_bias_relu_head(Tensor x, Tensor weight, Tensor bias, int[2] stride, int[2] padding, "
+      "Tensor? lin_weight, bool return_map) -> (Tensor out, Tensor value, Tensor dmap, "
+      "Tensor r0, Tensor r1)");
 }
 
 }  // namespace lpips_fast

@@ -306,8 +306,9 @@ def register(ns: str = "lpips_fast") -> None:
                        lambda caller, *args: _apply(HeadForward, *args, caller))
     _register_autograd(ns, "head_all_forward", _apply_all)
     _register_vmap(ns)
-    from . import _conv_ops  # the backbone's fused conv + bias + ReLU ops
+    from . import _conv_head, _conv_ops  # the backbone's fused conv + bias + ReLU ops
     _conv_ops.register(ns)
+    _conv_head.register(ns)  # (its autograd calls head_backward and the conv ops' backward)
 
 
 def _function(name, forward, backward):

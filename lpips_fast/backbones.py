@@ -23,7 +23,12 @@ from . import _torch_hooks
 # that pass, and its backward the pool's, the mask and + the tap's gradient in one). The
 # default stays "eager" until a GPU run has measured which wins (benchmarks/bench_backbone.py, benchmarks/GPU_NOTES.md "Fused backbone"); on the
 # CPU eager already fuses the bias into oneDNN's convolution, so "fused" only adds a pass.
-BACKBONE_IMPLS = ("eager", "fused")
+# "fused-head": "fused", and in an LPIPS model's streaming forward (large images without
+# autograd, no dropout) a slice that ends in a conv + ReLU with no max-pool after it (alex
+# relu3-5, vgg relu5_3) takes the layer's head from that conv's epilogue
+# (lpips_fast._conv_head: y read once, the tap written once; the head no longer reads the
+# tap again). Off by default until a GPU measures it (GPU_NOTES.md, "Fused backbone").
+BACKBONE_IMPLS = ("eager", "fused", "fused-head")
 BACKBONE_ENV = "LPIPS_FAST_BACKBONE"
 
 # Layer specs in torchvision order: ("conv", in, out, kernel, stride, padding),
@@ -136,15 +141,28 @@ def _conv_relu_pool(conv: nn.Conv2d, relu: nn.ReLU, pool: nn.Module, x: torch.Te
     return tap, pool(tap)
 
 
-def _run_fused(block: nn.Sequential, x: torch.Tensor, skip: int = 0, next_pool=None):
+def _head_fusable(conv: nn.Conv2d, relu: nn.ReLU, x: torch.Tensor) -> bool:
+    """A pair that conv_bias_relu_head computes: fusable, and x the pair's two equal
+    batches (sample n paired with n + N)."""
+    return _fusable(conv, relu) and x.shape[0] % 2 == 0
+
+
+def _run_fused(block: nn.Sequential, x: torch.Tensor, skip: int = 0, next_pool=None,
+               head=None):
     """A slice, less its first `skip` layers (a pool already run), with each conv + ReLU pair
     (also inside fire modules) through the fused op. next_pool: the max-pool that starts the
     next slice; when the slice ends in a conv + ReLU pair, that pair and the pool run as one
-    op. Returns (the slice's output, the next slice's input, its layers already run)."""
+    op. head: None, or (lin weight or None, return_map) to take the LPIPS head of the slice's
+    output from its last conv's epilogue where the slice ends in a conv + ReLU pair that no
+    pool follows (conv_bias_relu_head; x holds the pair's two batches). Returns (the slice's
+    output, the next slice's input, its layers already run, the head's (value, map) or None
+    where it was not taken)."""
     layers = list(block)[skip:]
-    with_pool = (next_pool is not None and len(layers) >= 2
-                 and isinstance(layers[-2], nn.Conv2d) and isinstance(layers[-1], nn.ReLU))
-    i, end = 0, len(layers) - 2 if with_pool else len(layers)
+    ends_in_pair = (len(layers) >= 2 and isinstance(layers[-2], nn.Conv2d)
+                    and isinstance(layers[-1], nn.ReLU))
+    with_pool = next_pool is not None and ends_in_pair
+    with_head = head is not None and next_pool is None and ends_in_pair
+    i, end = 0, len(layers) - 2 if with_pool or with_head else len(layers)
     while i < end:
         m = layers[i]
         if isinstance(m, nn.Conv2d) and i + 1 < end and isinstance(layers[i + 1], nn.ReLU):
@@ -155,8 +173,17 @@ def _run_fused(block: nn.Sequential, x: torch.Tensor, skip: int = 0, next_pool=N
         i += 1
     if with_pool:
         tap, pooled = _conv_relu_pool(layers[-2], layers[-1], next_pool, x)
-        return tap, pooled, 1
-    return x, x, 0
+        return tap, pooled, 1, None
+    if with_head:
+        conv, relu = layers[-2], layers[-1]
+        if not _head_fusable(conv, relu, x):
+            x = _conv_relu(conv, relu, x, True)
+            return x, x, 0, None
+        from . import _conv_head
+        tap, result = _conv_head.conv_bias_relu_head(x, conv.weight, conv.bias, conv.stride,
+                                                     conv.padding, *head)
+        return tap, tap, 0, result
+    return x, x, 0, None
 
 
 def _layer(spec) -> nn.Module:
@@ -246,7 +273,8 @@ class Backbone(nn.Module):
     @property
     def impl(self):
         """None (follow the LPIPS_FAST_BACKBONE environment variable, read at every call;
-        "eager" when unset), "eager" or "fused": how conv + ReLU pairs run (BACKBONE_IMPLS)."""
+        "eager" when unset), "eager", "fused" or "fused-head": how conv + ReLU pairs run
+        (BACKBONE_IMPLS; "fused-head" runs the backbone as "fused")."""
         return getattr(self, "_impl", None)  # (a Backbone pickled before it had one)
 
     @impl.setter
@@ -269,7 +297,7 @@ class Backbone(nn.Module):
         is recorded for export (jit.trace, ONNX, torch.export: the graph holds standard
         ops only, as for the head), under torch.func transforms and forward-mode AD (the
         ops' autograd is reverse mode only), and on devices without the ops' kernels."""
-        if self.resolved_impl() != "fused":
+        if self.resolved_impl() == "eager":
             return False
         from . import _ops
         from .model import recording_graph
@@ -292,13 +320,33 @@ class Backbone(nn.Module):
                     x = block(x)
                 yield x
             return
-        skip = 0
+        for tap, _ in self._fused_taps(x, context, None):
+            yield tap
+
+    def taps_and_heads(self, x: torch.Tensor, weights, return_map: bool,
+                       context=contextlib.nullcontext):
+        """Yield (tap, head) per slice for x holding a pair's two batches (sample n paired
+        with n + N), by the fused impl ("fused-head": the caller checks `heads_fusable`):
+        head = (value N, map N x 1 x h x w or None) of the LPIPS head with weights[k] (None:
+        the plain channel sum) where it was taken from the slice's last conv epilogue (a
+        conv + ReLU that no max-pool follows), None where the caller runs the head."""
+        for pair in self._fused_taps(x, context, (weights, return_map)):
+            yield pair
+
+    def heads_fusable(self, x: torch.Tensor) -> bool:
+        """Whether taps_and_heads may run for x: impl "fused-head" and the fused ops taken."""
+        return self.resolved_impl() == "fused-head" and self._fused_now(x)
+
+    def _fused_taps(self, x, context, heads):
+        """(tap, head or None) per slice by the fused ops (see taps and taps_and_heads)."""
+        blocks, skip = self.slices(), 0
         for k, block in enumerate(blocks):
             first = blocks[k + 1][0] if k + 1 < len(blocks) else None
+            head = None if heads is None else (heads[0][k], heads[1])
             with context():
-                tap, x, skip = _run_fused(block, x, skip,
-                                          first if isinstance(first, nn.MaxPool2d) else None)
-            yield tap
+                tap, x, skip, result = _run_fused(
+                    block, x, skip, first if isinstance(first, nn.MaxPool2d) else None, head)
+            yield tap, result
 
     def _init_like_torchvision(self, net: str):
         """pnet_rand=True draws the same distributions as torchvision's untrained models

@@ -281,8 +281,7 @@ class LPIPS(nn.Module):
                 return values.sum(0, dtype=torch.float64).view(-1, 1, 1, 1).to(in0.dtype)
             heads = list(zip(values, maps or [None] * self.L))
         else:  # streaming: each layer's head runs before the next slice
-            heads = [self._layer(k, f0, f1, out_size is not None)
-                     for k, (f0, f1) in enumerate(self._features(in0, in1))]
+            heads = self._streaming_heads(in0, in1, out_size is not None)
         res = [(reference.upsample(d.float() if d.dtype != torch.float64 else d, out_size)
                 if out_size else value.view(-1, 1, 1, 1)).to(in0.dtype) for value, d in heads]
         val = sum(res)
@@ -334,11 +333,16 @@ class LPIPS(nn.Module):
         """Yield each layer's features of preprocessed images x, one slice at a time, under
         the model's precision: the caller consumes a layer before the next is computed, so
         without autograd only one stage's activations are alive ("streaming")."""
+        x, context = self._backbone_input(x)
+        for tap in self.net.taps(x, context):  # (slices run eager or fused: backbone_impl)
+            yield tap  # (a loop, not `yield from`: as _features says, for dynamo 2.6)
+
+    def _backbone_input(self, x):
+        """(x in the backbone's memory format, the context its slices run in)."""
         if self.channels_last and not _torch_hooks.functorch_active():
             x = x.contiguous(memory_format=torch.channels_last)  # (vmap cannot: layout only)
-        device_type = x.device.type  # (slices run eager or fused: self.backbone_impl)
-        for tap in self.net.taps(x, lambda: self._precision_context(device_type)):
-            yield tap  # (a loop, not `yield from`: as _features says, for dynamo 2.6)
+        device_type = x.device.type
+        return x, lambda: self._precision_context(device_type)
 
     def _features(self, in0, in1):
         """Yield (f0, f1) per layer: one backbone pass over the pair when both inputs need
@@ -355,6 +359,30 @@ class LPIPS(nn.Module):
         n0 = in0.shape[0]
         for f in self.features(torch.cat([in0, in1])):
             yield f[:n0], f[n0:]
+
+    def _streaming_heads(self, in0, in1, want_map):
+        """Each layer's head, run before the next slice. Where `_heads_fusable`, a layer whose
+        tap no max-pool follows takes its head from its last conv's epilogue
+        (Backbone.taps_and_heads), the others run `_layer` on the tap's halves."""
+        if not self._heads_fusable(in0, in1):
+            return [self._layer(k, f0, f1, want_map)
+                    for k, (f0, f1) in enumerate(self._features(in0, in1))]
+        weights = [lin.weight for lin in self.lins] if self.lpips else [None] * self.L
+        x, context = self._backbone_input(torch.cat([in0, in1]))
+        n0, heads = in0.shape[0], []
+        for k, (tap, head) in enumerate(self.net.taps_and_heads(x, weights, want_map, context)):
+            heads.append(head if head is not None else self._layer(k, tap[:n0], tap[n0:],
+                                                                    want_map))
+        return heads
+
+    def _heads_fusable(self, in0, in1):
+        """Backbone impl "fused-head" with the fused ops taken, the compiled head (not the
+        reference), one backbone pass over two equal batches (as `_features` runs it) and no
+        dropout: the head may be taken from a conv's epilogue (Backbone.taps_and_heads)."""
+        from . import _ops
+        return (in0.requires_grad == in1.requires_grad and in0.shape[0] == in1.shape[0]
+                and not self._dropout_active() and not recording_graph()
+                and self._head is _ops.head and self.net.heads_fusable(in0))
 
     def _one_launch(self, in0, in1):
         """All layers' heads in one op when the features are alive anyway (autograd keeps

@@ -25,3 +25,15 @@ def isolated_cache(tmp_path_factory):
     os.environ["LPIPS_FAST_HOME"] = str(tmp_path_factory.mktemp("lpips_fast_home"))
     os.environ["LPIPS_FAST_OFFLINE"] = "1"
     yield
+
+
+@pytest.fixture
+def conv_exact(monkeypatch):
+    """For the bit-exact tests of the fused backbone ops: outputs NaN-filled before the
+    kernels run (an unwritten element fails), the backbone switch unset, and cuDNN's weight
+    gradient run-to-run exact."""
+    import torch
+    from lpips_fast.backbones import BACKBONE_ENV
+    monkeypatch.setenv("LPIPS_FAST_DEBUG_NAN_FILL", "1")
+    monkeypatch.delenv(BACKBONE_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)

@@ -20,6 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "cuda/head_cuda.cu"
 
+# The emulated tests of the head's prologue, as a check command (below).
+PROLOGUE_TESTS = ("import pytest, sys; sys.exit(pytest.main(['-x', '-q', '-p', 'no:cacheprovider', "
+                  "'tests/test_conv_head.py', '-k', 'emu']))")
+
 # (bug class, text in head_cuda.cu (must occur once), its replacement, extra check or None)
 MUTANTS = [
     ("missing barrier: block reduction (after the shared store)",
@@ -53,11 +57,9 @@ MUTANTS = [
      "        if (d.dmap != nullptr && j < px.last) d.dmap[q] = dv;", None),
     ("off-by-one in the cached channel split (overflow loop starts one round early)",
      "    for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt) {\n"
-     "      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);\n"
-     "      s0 += a * a;",
+     "      const A a = load_feature_first<PRO, T, A>(x0, t0, d.bias, c, c * d.sC0);\n",
      "    for (int64_t c = tg.wg + (int64_t)(R - 1) * tg.Wt; valid && c < d.C; c += tg.Wt) {\n"
-     "      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);\n"
-     "      s0 += a * a;", None),
+     "      const A a = load_feature_first<PRO, T, A>(x0, t0, d.bias, c, c * d.sC0);\n", None),
     ("tile groups: a group reads another group's partial norms",
      "    for (int w = w0; tg.active && w < w0 + tg.Wt; ++w) {\n      q0 += red[w * 32 + lane];\n"
      "      q1 += red[(W + w) * 32 + lane];\n    }\n    const A r0 = dev_sqrt(q0)",
@@ -82,6 +84,19 @@ MUTANTS = [
      "os.environ['LPIPS_FAST_EMU_WGRAD_CHUNK'] = '1'; from emu import emu_ops; "
      "f = torch.rand(1, 2, 256, 256); w = torch.rand(1, 2, 1, 1, requires_grad=True); "
      "v, _ = emu_ops.head(f, f.flip(3), w); torch.autograd.grad(v.sum(), [w])"),
+    # The head's prologue (conv_bias_relu_head): its emulated tests in tests/test_conv_head.py.
+    ("prologue: the taps of the channels past the register cache left unwritten",
+     "      const A a = load_feature_first<PRO, T, A>(x0, t0, d.bias, c, c * d.sC0);\n"
+     "      const A b = load_feature_first<PRO, T, A>(x1, t1, d.bias, c, c * d.sC1);\n",
+     "      const A a = load_feature<PRO, T, A>(x0, d.bias, c, c * d.sC0);\n"
+     "      const A b = load_feature<PRO, T, A>(x1, d.bias, c, c * d.sC1);\n", PROLOGUE_TESTS),
+    ("prologue: the second image's tap written over the first's",
+     "    T* t1 = PRO ? d.o1 + at1 : nullptr;", "    T* t1 = PRO ? d.o0 + at1 : nullptr;",
+     PROLOGUE_TESTS),
+    ("prologue: channel lanes' second pass without the bias and ReLU",
+     "dist[j] += dist_term(wc, load_feature<PRO, T, A>(px.b0, d.bias, c, px.o0[j] + c),",
+     "dist[j] += dist_term(wc, load_feature<false, T, A>(px.b0, d.bias, c, px.o0[j] + c),",
+     PROLOGUE_TESTS),
 ]
 
 TESTS = ["tests/test_emu.py", "tests/test_kernels.py", "-k", "emu"]

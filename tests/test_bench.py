@@ -279,3 +279,22 @@ def test_bench_dirs_case_errors_name_the_form():
         with pytest.raises(SystemExit):
             bench_dirs.parse_args(["--cases", bad])
     assert bench_dirs.parse_case("vgg:1920x1080:png:5") == ("vgg", (1080, 1920), "png", 5)
+
+
+@needs_ext
+def test_bench_backbone_head_table(tmp_path):
+    """bench_backbone.py --head on the CPU: a row per tap no pool follows (alex relu3-5,
+    vgg relu5_3), the tap's bytes E from its shape, the three variants timed."""
+    import bench_backbone
+    assert [layer[0] for layer in bench_backbone.head_layers("alex", 64)] == [6, 8, 10]
+    assert [layer[0] for layer in bench_backbone.head_layers("vgg", 32)] == [28]
+    out = tmp_path / "head.md"
+    bench_backbone.main(["--device", "cpu", "--head", "--reps", "1", "--out", str(out)])
+    rows = [r.split(" | ") for r in out.read_text().splitlines() if r.startswith("| alex")
+            or r.startswith("| vgg")]
+    assert [r[1] for r in rows] == ["features.6", "features.8", "features.10", "features.28"]
+    # alex 64: relu3-5 at 3x3 (384, 256, 256 channels), vgg 32: relu5_3 at 2x2, float32
+    assert [r[2] for r in rows] == ["2x384x3x3", "2x256x3x3", "2x256x3x3", "2x512x2x2"]
+    assert [float(r[3]) for r in rows] == pytest.approx(  # (3 digits printed)
+        [2 * c * hw * 4 / 1e6 for c, hw in ((384, 9), (256, 9), (256, 9), (512, 4))], rel=2e-3)
+    assert all(float(r[k]) > 0 for r in rows for k in (6, 7, 8))

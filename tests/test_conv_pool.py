@@ -25,20 +25,13 @@ from torch import nn
 
 import lpips_fast
 from lpips_fast import _conv_ops, _ops, backbones
-from lpips_fast.backbones import BACKBONE_ENV
 from helpers import (DEVICES, assert_second_order_equal, conv_ns, conv_ops, fused_op_calls,
                      make_conv, randomize_lins, same_layout, tdev)
 
-pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"extension not built: {_ops.load_error}")
+pytestmark = [pytest.mark.skipif(not _ops.available(),
+                                 reason=f"extension not built: {_ops.load_error}"),
+              pytest.mark.usefixtures("conv_exact")]  # (conftest.py)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def nan_fill(monkeypatch):
-    monkeypatch.setenv("LPIPS_FAST_DEBUG_NAN_FILL", "1")
-    monkeypatch.delenv(BACKBONE_ENV, raising=False)
-    # bit-exact gradient comparisons need cuDNN's weight gradient to be run-to-run exact
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
 
 
 # (N, Cin, H, W, Cout, kernel, stride, padding, pool kernel, pool stride, ceil_mode):

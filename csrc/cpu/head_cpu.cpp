@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../conv_head.h"
 #include "../head.h"
 
 namespace lpips_fast {
@@ -175,6 +176,38 @@ A fwd_block(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
   return fwd_block_channels<false>(d, n, p0, cnt);
 }
 
+// The prologue (head.h) of one block: the tap of both inputs, relu(y + b), written for the
+// block's pixels; the block's head then reads the tap (from cache) with the code above, so
+// the CPU twin of the CUDA prologue shares its per-pixel math.
+template <typename T, typename A>
+void prologue_block(const LayerDesc<T, A>& d, int64_t n, int64_t b) {
+  const int64_t p0 = b * kBlock, cnt = std::min(kBlock, d.P - p0);
+  const T* ys[2] = {d.f0 + n * d.sN0, d.f1 + n * d.sN1};
+  T* outs[2] = {d.o0 + n * d.sN0, d.o1 + n * d.sN1};
+  const int64_t sC[2] = {d.sC0, d.sC1}, sP[2] = {d.sP0, d.sP1};
+  for (int k = 0; k < 2; ++k) {
+    const bool chin = sC[k] == 1 && d.C > 1;  // channels_last: channels inner
+    const int64_t outer = chin ? cnt : d.C, inner = chin ? d.C : cnt;
+    for (int64_t i = 0; i < outer; ++i)
+      for (int64_t j = 0; j < inner; ++j) {
+        const int64_t c = chin ? j : i, p = p0 + (chin ? i : j);
+        const int64_t off = c * sC[k] + p * sP[k];
+        outs[k][off] = bias_relu<T, A>(ys[k][off], d.bias[c]);
+      }
+  }
+}
+
+// d as the head reads it after prologue_block: f0 / f1 the taps, no prologue.
+template <typename T, typename A>
+LayerDesc<T, A> tap_desc(LayerDesc<T, A> d) {
+  if (d.bias == nullptr) return d;
+  d.f0 = d.o0;
+  d.f1 = d.o1;
+  d.bias = nullptr;
+  d.o0 = d.o1 = nullptr;
+  return d;
+}
+
 // Calls fn(layer, n, block) for every work item of every layer, in parallel.
 template <typename Desc, typename Fn>
 void for_all_blocks(const std::vector<Desc>& descs, Fn fn) {
@@ -196,7 +229,7 @@ void for_all_blocks(const std::vector<Desc>& descs, Fn fn) {
 template <typename T, typename A>
 void forward_typed(FwdPlan& plan) {
   const size_t L = plan.v0.size();
-  std::vector<LayerDesc<T, A>> descs;
+  std::vector<LayerDesc<T, A>> descs, taps;
   std::vector<std::vector<A>> partials(L);
   for (size_t l = 0; l < L; ++l) {
     auto d = base_desc<T, A>(plan, l);
@@ -205,10 +238,12 @@ void forward_typed(FwdPlan& plan) {
     partials[l].assign(d.N * d.nblocks, A(0));
     d.partial = partials[l].data();
     descs.push_back(d);
+    taps.push_back(tap_desc(d));
   }
   for_all_blocks(descs, [&](size_t l, int64_t n, int64_t b) {
     const auto& d = descs[l];
-    d.partial[n * d.nblocks + b] = fwd_block(d, n, b);
+    if (d.bias != nullptr) prologue_block(d, n, b);
+    d.partial[n * d.nblocks + b] = fwd_block(taps[l], n, b);
   });
   A* values = plan.values.mutable_data_ptr<A>();
   for (size_t l = 0; l < L; ++l) {
@@ -401,6 +436,7 @@ TORCH_LIBRARY_IMPL(lpips_fast, CPU, m) {
   m.impl("head_all_forward", &op_head_all_forward<forward_cpu>);
   m.impl("head_backward", &op_head_backward<backward_cpu>);
   m.impl("head_all_backward", &op_head_all_backward<backward_cpu>);
+  m.impl("conv_bias_relu_head", &op_conv_bias_relu_head<forward_cpu>);
 }
 
 }  // namespace lpips_fast

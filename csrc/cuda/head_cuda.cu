@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../conv_head.h"
 #include "../head.h"
 #include "launch.h"  // GPU build vs CPU emulation (csrc/emu): launches, shared memory, limits
 
@@ -115,7 +116,7 @@ __device__ __forceinline__ TileGroups tile_groups(int64_t C, int R, int W, int w
   return t;
 }
 
-template <typename T, typename A, int R>
+template <bool PRO, typename T, typename A, int R>
 __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk, int W, A* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const TileGroups tg = tile_groups(d.C, R, W, warp);
@@ -126,8 +127,12 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
   for (int64_t t = pbeg; t < pend; t += 32 * (int64_t)tg.k) {  // block-uniform rounds
     const int64_t p = t + 32 * (int64_t)tg.g + lane;
     const bool valid = tg.active && p < pend;
-    const T* x0 = d.f0 + n * d.sN0 + (valid ? p : 0) * d.sP0;
-    const T* x1 = d.f1 + n * d.sN1 + (valid ? p : 0) * d.sP1;
+    const int64_t at0 = n * d.sN0 + (valid ? p : 0) * d.sP0;
+    const int64_t at1 = n * d.sN1 + (valid ? p : 0) * d.sP1;
+    const T* x0 = d.f0 + at0;
+    const T* x1 = d.f1 + at1;
+    T* t0 = PRO ? d.o0 + at0 : nullptr;  // the prologue's taps at this pixel
+    T* t1 = PRO ? d.o1 + at1 : nullptr;
     A v0[R], v1[R];
     A s0 = 0, s1 = 0;
 #pragma unroll
@@ -135,14 +140,15 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
       const int c = tg.wg + i * tg.Wt;
       v0[i] = v1[i] = A(0);
       if (valid && c < d.C) {
-        v0[i] = ld<T, A>(x0 + c * d.sC0);
-        v1[i] = ld<T, A>(x1 + c * d.sC1);
+        v0[i] = load_feature_first<PRO, T, A>(x0, t0, d.bias, c, c * d.sC0);
+        v1[i] = load_feature_first<PRO, T, A>(x1, t1, d.bias, c, c * d.sC1);
       }
       s0 += v0[i] * v0[i];
       s1 += v1[i] * v1[i];
     }
     for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt) {
-      const A a = ld<T, A>(x0 + c * d.sC0), b = ld<T, A>(x1 + c * d.sC1);
+      const A a = load_feature_first<PRO, T, A>(x0, t0, d.bias, c, c * d.sC0);
+      const A b = load_feature_first<PRO, T, A>(x1, t1, d.bias, c, c * d.sC1);
       s0 += a * a;
       s1 += b * b;
     }
@@ -167,8 +173,8 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
       if (c < d.C) dsum += dist_term(weight_at(d.w, c), v0[i], v1[i], a0, a1);
     }
     for (int64_t c = tg.wg + (int64_t)R * tg.Wt; valid && c < d.C; c += tg.Wt)
-      dsum += dist_term(weight_at(d.w, c), ld<T, A>(x0 + c * d.sC0), ld<T, A>(x1 + c * d.sC1), a0,
-                        a1);
+      dsum += dist_term(weight_at(d.w, c), load_feature<PRO, T, A>(x0, d.bias, c, c * d.sC0),
+                        load_feature<PRO, T, A>(x1, d.bias, c, c * d.sC1), a0, a1);
     __syncthreads();  // everyone has read the norms
     red[warp * 32 + lane] = dsum;
     __syncthreads();
@@ -195,7 +201,7 @@ __device__ void fwd_pixel_lanes(const LayerDesc<T, A>& d, int64_t n, int64_t blk
   }
 }
 
-template <typename T, typename A, int R>
+template <bool PRO, typename T, typename A, int R>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     fwd_pl_kernel(const __grid_constant__ Descs<T, A> ds) {
   const LayerDesc<T, A>& d = ds.l[blockIdx.y];
@@ -203,7 +209,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   if (d.chfast || item >= d.N * d.nblocks) return;  // block-uniform
   LF_DYNAMIC_SHARED(A, red);
   const int64_t n = item / d.nblocks, blk = item % d.nblocks;
-  fwd_pixel_lanes<T, A, R>(d, n, blk, blockDim.x >> 5, red);
+  fwd_pixel_lanes<PRO, T, A, R>(d, n, blk, blockDim.x >> 5, red);
 }
 
 // The PX pixels a channel-lane warp takes from p0: the two base pointers and each pixel's
@@ -236,7 +242,7 @@ struct ClPixels {
 // norms are reduced across the warp (fixed xor butterfly), pass 2 reads the same channels
 // again (from L1: the warp has just loaded them) for the weighted squared difference. No
 // register cache, so few registers and many resident warps, whatever C is.
-template <typename T, typename A, int PX>
+template <bool PRO, typename T, typename A, int PX>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     fwd_cl_kernel(const __grid_constant__ Descs<T, A> ds) {
   const LayerDesc<T, A>& d = ds.l[blockIdx.y];
@@ -251,6 +257,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
   A bsum = 0;
   for (int64_t p0 = pbeg + (int64_t)warp * PX; p0 < pend; p0 += (int64_t)W * PX) {
     const ClPixels<T, PX> px(d, n, p0, pend);
+    // the prologue's taps at the warp's first pixel (pixels past `last` repeat it: not written)
+    T* t0 = PRO ? d.o0 + (px.b0 - d.f0) : nullptr;
+    T* t1 = PRO ? d.o1 + (px.b1 - d.f1) : nullptr;
     A s0[PX], s1[PX], dist[PX];
 #pragma unroll
     for (int j = 0; j < PX; ++j) s0[j] = s1[j] = dist[j] = A(0);
@@ -258,7 +267,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
     for (int c = lane; c < C; c += 32) {
 #pragma unroll
       for (int j = 0; j < PX; ++j) {
-        const A a = ld<T, A>(px.b0 + px.o0[j] + c), b = ld<T, A>(px.b1 + px.o1[j] + c);
+        A a, b;
+        if (j <= px.last) {  // warp-uniform
+          a = load_feature_first<PRO, T, A>(px.b0, t0, d.bias, c, px.o0[j] + c);
+          b = load_feature_first<PRO, T, A>(px.b1, t1, d.bias, c, px.o1[j] + c);
+        } else {
+          a = load_feature<PRO, T, A>(px.b0, d.bias, c, px.o0[j] + c);
+          b = load_feature<PRO, T, A>(px.b1, d.bias, c, px.o1[j] + c);
+        }
         s0[j] += a * a;
         s1[j] += b * b;
       }
@@ -273,7 +289,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
       const A wc = weight_at(d.w, c);
 #pragma unroll
       for (int j = 0; j < PX; ++j)
-        dist[j] += dist_term(wc, ld<T, A>(px.b0 + px.o0[j] + c), ld<T, A>(px.b1 + px.o1[j] + c),
+        dist[j] += dist_term(wc, load_feature<PRO, T, A>(px.b0, d.bias, c, px.o0[j] + c),
+                             load_feature<PRO, T, A>(px.b1, d.bias, c, px.o1[j] + c),
                              inv_norm(s0[j]), inv_norm(s1[j]));
     }
 #pragma unroll
@@ -577,6 +594,14 @@ struct Group {
   }
 };
 
+// The channel-lane forward kernel for `px` pixels per warp round (cl_pixels).
+template <bool PRO, typename T, typename A>
+auto fwd_cl_kernel_for(int px) {
+  return px == 2   ? fwd_cl_kernel<PRO, T, A, 2>
+         : px == 8 ? fwd_cl_kernel<PRO, T, A, 8>
+                   : fwd_cl_kernel<PRO, T, A, kClPixels>;
+}
+
 template <typename T, typename A>
 void forward_typed(FwdPlan& plan) {
   constexpr int R = regs_per_thread<A>();
@@ -597,15 +622,18 @@ void forward_typed(FwdPlan& plan) {
     }
     const auto ds = grp.descs();
     const unsigned y = (unsigned)nl;
+    // the prologue's kernels (head.h) where the group's layers have one: all or none do
+    const bool pro = grp.g[0].bias != nullptr;
+    for (const auto& d : grp.g)
+      TORCH_INTERNAL_ASSERT((d.bias != nullptr) == pro, "lpips_fast: a launch group mixes "
+                            "layers with and without the prologue");
     if (grp.gx_pl > 0)
-      launch(fwd_pl_kernel<T, A, R>, "fwd_pl_kernel", dim3((unsigned)grp.gx_pl, y), grp.Wpl * 32,
+      launch(pro ? fwd_pl_kernel<true, T, A, R> : fwd_pl_kernel<false, T, A, R>,
+             "fwd_pl_kernel", dim3((unsigned)grp.gx_pl, y), grp.Wpl * 32,
              2 * grp.Wpl * 32 * sizeof(A), stream, ds);
-    const auto fwd_cl = grp.px == 2   ? fwd_cl_kernel<T, A, 2>
-                        : grp.px == 8 ? fwd_cl_kernel<T, A, 8>
-                                      : fwd_cl_kernel<T, A, kClPixels>;
     if (grp.gx_cl > 0)
-      launch(fwd_cl, "fwd_cl_kernel", dim3((unsigned)grp.gx_cl, y), grp.Wcl * 32, 0,
-             stream, ds);
+      launch(pro ? fwd_cl_kernel_for<true, T, A>(grp.px) : fwd_cl_kernel_for<false, T, A>(grp.px),
+             "fwd_cl_kernel", dim3((unsigned)grp.gx_cl, y), grp.Wcl * 32, 0, stream, ds);
     launch(value_reduce_kernel<T, A>, "value_reduce_kernel", dim3((unsigned)grp.maxn, y),
            kReduceThreads, 0, stream, ds, values, (int64_t)l0);
   }
@@ -688,6 +716,7 @@ TORCH_LIBRARY_IMPL(LF_OPS_NAMESPACE, LF_DISPATCH_KEY, m) {
   m.impl("head_all_forward", &op_head_all_forward<forward_cuda>);
   m.impl("head_backward", &op_head_backward<backward_cuda>);
   m.impl("head_all_backward", &op_head_all_backward<backward_cuda>);
+  m.impl("conv_bias_relu_head", &op_conv_bias_relu_head<forward_cuda>);
 }
 
 }  // namespace lpips_fast
