@@ -44,14 +44,16 @@ test: setup
 # CUDA major version (13.0 here) or absent, that build has CPU kernels only, which
 # LPIPS_FAST_EXPECT_NO_CUDA=1 makes tests/test_build.py require, with its one-line reason.
 # The subset: the build, the private torch hooks, kernels vs reference, the model vs the
-# official package (values, gradients), torch.func, fullgraph compile, export (not ONNX: its
-# pinned packages are the newest torch's), the CLI demo; not the CUDA emulation (the newest
-# torch runs it: it is the same C++ on any torch, and slow).
+# official package (values, gradients), the fused backbone ops (their C++ autograd), torch.func,
+# fullgraph compile, export (not ONNX: its pinned packages are the newest torch's), the CLI
+# demo; not the CUDA emulation (the newest torch runs it: it is the same C++ on any torch, and
+# slow).
 OLDEST_TORCH := torch==2.6.0 torchvision==0.21.0
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BIN := $(OLDEST_VENV)/bin
 OLDEST_TESTS := tests/test_setup.py tests/test_build.py tests/test_torch_hooks.py \
 	tests/test_kernels.py tests/test_parity.py tests/test_func.py tests/test_compile.py \
+	tests/test_backbone_fused.py tests/test_conv_pool.py tests/test_conv_head.py \
 	tests/test_export.py tests/test_cli.py::test_demo_scores_the_builtin_example_with_real_weights
 OLDEST_DESELECT := not emu and not onnx
 
