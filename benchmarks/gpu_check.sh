@@ -176,6 +176,13 @@ if [ $BUILD_RC -eq 0 ]; then
   # backbone impl pays (GPU_NOTES "Fused backbone"). Estimated 15-25 s.
   step bench-backbone-head 60 $PYTHON benchmarks/bench_backbone.py --device cuda --head \
     --out "$RESDIR/$SLUG-backbone-head.md"
+  # Item 2 of issue 19 on the device: kernels launched per alex N=32 64x64 training step, eager
+  # vs fused (CPU: 72 ops eager, 49 fused with pools), and the per-call cost of a tiny fused
+  # layer against eager's (its autograd now in C++: csrc/conv_autograd.cpp). ~20 s together.
+  step count-kernels 60 bash -c "$PYTHON benchmarks/count_ops.py --device cuda --n 32 \
+    > '$RESDIR/$SLUG-count-kernels.md'"
+  step bench-backbone-overhead 60 $PYTHON benchmarks/bench_backbone.py --device cuda --overhead \
+    --out "$RESDIR/$SLUG-backbone-overhead.md"
   # Issue 24: folders scored end to end (files to CSV, whole processes) against the plain
   # official loop on this GPU (target >= 5x for 512x384 JPEG; pairs/s for 1920x1080), and
   # torchvision's GPU JPEG decode (--decoder auto) against Pillow's on the real pairs.

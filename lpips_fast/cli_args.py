@@ -101,6 +101,10 @@ def _auto_or_nonneg(text):
     return "auto" if text == "auto" else _nonneg(text)
 
 
+def _auto_or_positive(text):
+    return "auto" if text == "auto" else _positive(text)
+
+
 def _nonneg(text):
     v = int(text)
     if v < 0:
@@ -172,8 +176,14 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
 
     def batch_args(sp, folders=True):
         g = sp.add_argument_group("throughput and output")
-        g.add_argument("--batch-size", type=_positive, default=32, metavar="N",
-                       help="pairs per forward pass (default 32)")
+        if folders == "dirs":
+            g.add_argument("--batch-size", type=_auto_or_positive, default="auto", metavar="N",
+                           help="pairs per forward pass (default auto: 32, fewer where the "
+                                "backbone's largest activation would pass 1 GiB on a CPU, "
+                                "8 GiB on a GPU: e.g. vgg 512x384 on a CPU 3)")
+        else:
+            g.add_argument("--batch-size", type=_positive, default=32, metavar="N",
+                           help="pairs per forward pass (default 32)")
         if folders:
             g.add_argument("--workers", type=_auto_or_nonneg, default="auto", metavar="N",
                            help="dirs: image-decoding threads (0: the main thread decodes); "

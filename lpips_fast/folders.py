@@ -19,6 +19,7 @@ import torch
 
 from .errors import UsageError  # also imported from here (its home before errors.py)
 from .pairwise import ImageSet
+from .tiling import bytes_per_pixel
 from .io import (ImageError, check_scoring_size, image_size, mismatch_message, read_image,
                  resize, target_size)
 
@@ -144,15 +145,34 @@ def scan_sizes(paths: Iterable[Path]) -> dict[Path, tuple[int, int] | str]:
         return dict(zip(paths, ex.map(one, paths)))
 
 
-def plan_pairs(pairs: list[Pair], net: str, batch_size: int = 32, resize_policy: str = "none",
-               names: Callable[[Path], str] = str):
+# --batch-size auto (dirs): at most AUTO_PAIRS pairs per batch, and no more than keep the
+# backbone's largest activation (tiling.bytes_per_pixel, with tile_for_budget's 1.5x margin)
+# within the device's BATCH_BYTES. A fixed count either fails or wastes: 32 pairs of 1920x1080
+# make a 63 GiB vgg activation (more than most machines hold), and on a 2-core CPU vgg 512x384
+# scored 24 pairs per batch at 0.90x the official one-pair loop against 1.07x-1.08x for 1 or 4
+# pairs (benchmarks/results/dirs-cpu-batch.md); alex at 512x384 (16 MiB a pair) keeps 32.
+AUTO_PAIRS = 32
+BATCH_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}  # other devices: the CPU's
+
+
+def auto_pairs(net: str, size: tuple[int, int], device_type: str = "cpu") -> int:
+    """Pairs per batch of `size` (h, w) images under --batch-size auto (see AUTO_PAIRS)."""
+    pair_bytes = 1.5 * bytes_per_pixel(net, 4, 2) * size[0] * size[1]
+    budget = BATCH_BYTES.get(device_type, BATCH_BYTES["cpu"])
+    return max(1, min(AUTO_PAIRS, int(budget // pair_bytes)))
+
+
+def plan_pairs(pairs: list[Pair], net: str, batch_size: int | str = 32,
+               resize_policy: str = "none", names: Callable[[Path], str] = str,
+               device_type: str = "cpu"):
     """The scoring order of `pairs`, from the image headers alone.
 
     Returns (failed Results, ordered list of (pair, scoring size), batches): pairs that cannot be
     scored (a missing, unreadable or too small file, a size mismatch) come back as Results with
     an error; the rest are grouped by scoring size (groups in order of first appearance, each in
-    the given order) and cut into batches of at most `batch_size` indices into `ordered`, never
-    across groups. Deterministic: a given input always gives the same order, also when resumed.
+    the given order) and cut into batches of at most `batch_size` indices into `ordered` ("auto":
+    auto_pairs(net, size, device_type) for each size), never across groups. Deterministic: a
+    given input always gives the same order, also when resumed.
     """
     sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)])
     groups: dict[tuple[int, int], list[Pair]] = {}
@@ -176,8 +196,9 @@ def plan_pairs(pairs: list[Pair], net: str, batch_size: int = 32, resize_policy:
     ordered = [(pair, size) for size, ps in groups.items() for pair in ps]
     batches, start = [], 0
     for size, ps in groups.items():
-        for k in range(0, len(ps), batch_size):
-            batches.append(list(range(start + k, start + min(k + batch_size, len(ps)))))
+        n = auto_pairs(net, size, device_type) if batch_size == "auto" else batch_size
+        for k in range(0, len(ps), n):
+            batches.append(list(range(start + k, start + min(k + n, len(ps)))))
         start += len(ps)
     return bad, ordered, batches
 

@@ -9,9 +9,11 @@ import torch
 from PIL import Image, ImageOps
 
 from helpers import cli, make_dirs, read_csv, real_pairs
-from lpips_fast import batches
+from lpips_fast import batches, folders
 from lpips_fast.batches import BatchLoader, choose, plain_jpeg, to_unit_range
 from lpips_fast.folders import Pair, plan_pairs
+from lpips_fast.jobs import kinds
+from lpips_fast.tiling import bytes_per_pixel
 from lpips_fast.io import (ALPHA, SIXTEEN_BIT, load_pair, pil_to_array, read_into, read_image,
                            value_scale)
 
@@ -227,3 +229,67 @@ def test_decode_check_measures_torchvision_against_pillow(tmp_path):
     assert len(rows) == len(pairs)
     for r in rows:  # the CPU decodes agree (see above); the check reports what it found
         assert r["max_levels"] == 0 and r["lpips_diff"] == 0 and r["lpips"] > 0
+
+
+# --- --batch-size auto: pairs per batch from the backbone's activation bytes -------------------
+
+@pytest.mark.parametrize("net", ["alex", "vgg", "squeeze"])
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps"])
+def test_auto_pairs_keep_a_batch_within_the_device_budget(net, device_type):
+    budget = folders.BATCH_BYTES.get(device_type, folders.BATCH_BYTES["cpu"])
+    last = folders.AUTO_PAIRS
+    for h, w in [(64, 64), (384, 512), (1080, 1920), (4000, 6000)]:
+        n = folders.auto_pairs(net, (h, w), device_type)
+        pair = 1.5 * bytes_per_pixel(net, 4, 2) * h * w
+        assert 1 <= n <= last  # larger images never get more pairs
+        # the largest count whose activations fit, unless 32 or a single pair already caps it
+        assert n == folders.AUTO_PAIRS or n == 1 or n * pair <= budget < (n + 1) * pair
+        last = n
+    assert folders.auto_pairs(net, (20000, 30000), device_type) == 1
+
+
+def test_auto_pairs_where_measured():
+    # alex 512x384 keeps 32 pairs (16 MiB a pair); vgg's 288 MiB a pair gives 3 on a CPU
+    assert folders.auto_pairs("alex", (384, 512), "cpu") == 32
+    assert folders.auto_pairs("vgg", (384, 512), "cpu") == 3
+    assert folders.auto_pairs("vgg", (1080, 1920), "cuda") == 2
+
+
+def test_plan_cuts_each_size_group_by_its_own_auto_count(tmp_path, monkeypatch):
+    big, small = (72, 96), (36, 48)  # (width, height) as make_dirs takes them
+    d0, d1 = make_dirs(tmp_path / "a", n=7, size=big)
+    s0, s1 = make_dirs(tmp_path / "b", n=5, size=small)
+    pairs = ([Pair((f"a{i}",), d0 / f"im{i}.png", d1 / f"im{i}.png") for i in range(7)]
+             + [Pair((f"b{i}",), s0 / f"im{i}.png", s1 / f"im{i}.png") for i in range(5)])
+    per_pair = 1.5 * bytes_per_pixel("alex", 4, 2) * big[0] * big[1]
+    # the big images' budget fits 3 pairs (so the small ones' 4x fewer bytes fit 12, cut at 5)
+    monkeypatch.setitem(folders.BATCH_BYTES, "cpu", 3.5 * per_pair)
+    bad, ordered, batch_list = plan_pairs(pairs, "alex", "auto")
+    assert not bad and [len(b) for b in batch_list] == [3, 3, 1, 5]
+    assert [ordered[i][1] for i in batch_list[3]] == [small[::-1]] * 5  # (h, w)
+    _, _, fixed = plan_pairs(pairs, "alex", 2)  # an explicit count is kept
+    assert [len(b) for b in fixed] == [2, 2, 2, 1, 2, 2, 1]
+
+
+def test_cli_dirs_batch_size_defaults_to_auto(tmp_path, monkeypatch):
+    d0, d1 = make_dirs(tmp_path, n=5, size=(48, 64))
+    seen = []
+
+    def plan(*args, **kw):
+        seen.append(args[2])
+        return plan_pairs(*args, **kw)
+    monkeypatch.setattr(kinds, "plan_pairs", plan)
+    monkeypatch.setitem(folders.BATCH_BYTES, "cpu",
+                        2.5 * 1.5 * bytes_per_pixel("alex", 4, 2) * 48 * 64)  # 2 pairs
+    rows = []
+    for extra in ((), ("--batch-size", "5")):
+        out = tmp_path / f"o{len(rows)}.csv"
+        ran = cli("dirs", d0, d1, "-o", out, "-q", "--device", "cpu", *extra)
+        assert ran.returncode == 0, ran.stderr
+        rows.append(read_csv(out))
+    assert seen == ["auto", 5] and rows[0] == rows[1] and len(rows[0]) == 1 + 5
+    for bad in ("0", "many"):
+        ran = cli("dirs", d0, d1, "--batch-size", bad)
+        assert ran.returncode == 2 and "--batch-size" in ran.stderr
+    ran = cli("allpairs", d0, "--batch-size", "auto")  # auto is dirs' only
+    assert ran.returncode == 2 and "--batch-size" in ran.stderr

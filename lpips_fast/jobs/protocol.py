@@ -25,7 +25,7 @@ class Settings:
     resize: str = "none"
     resample: str = "bicubic"
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int | str = 32                # dirs also "auto" (folders.auto_pairs)
     workers: int | str = "auto"               # dirs: loader threads; allpairs: processes
     prefetch: int | str = "auto"              # dirs: batches decoded while one is scored
     decoder: str = "auto"                     # dirs: pillow, torchvision (JPEG on the device)
