@@ -266,11 +266,24 @@ def test_bench_dirs_times_whole_processes_and_compares_their_values(tmp_path):
         assert r["max_diff"] is not None and r["max_diff"] <= 2e-6, r
     official = next(r for r in rows if r["process"] == bench_dirs.OFFICIAL)
     assert official["vs_official"] == 1 and official["max_diff"] > 0  # a real comparison
-    assert set(parts[bench_dirs.OURS]) == {"decode", "convert", "transfer", "forward", "write"}
-    assert all(v >= 0 for v in parts[bench_dirs.OURS].values())
+    ours = parts[bench_dirs.OURS]
+    assert set(ours) == {"pairs", "decode", "convert", "transfer", "forward", "write"}
+    assert ours["pairs"] == 2 and all(v >= 0 for v in ours.values())  # --batch-size 2
     text = (tmp_path / "t.md").read_text()
     assert "| alex 96x64 JPG, 3 pairs | w0 |" in text
+    assert f"| alex 96x64 JPG, 3 pairs | {bench_dirs.OURS} | 2 |" in text
     assert ("pyiqa loop: not timed" in text) != bench_dirs.installed("pyiqa")
+
+
+def test_bench_dirs_split_takes_dirs_auto_batch(tmp_path, monkeypatch):
+    from lpips_fast import folders
+    from lpips_fast.bench.dirs import OURS, generate, split
+    from lpips_fast.tiling import bytes_per_pixel
+    a, b = generate(tmp_path, 3, (64, 96), "png")  # (h, w)
+    # a budget of 2.5 pairs of these images: auto takes 2 of the 3 pairs
+    monkeypatch.setitem(folders.BATCH_BYTES, "cpu", 2.5 * 1.5 * bytes_per_pixel("alex", 4, 2)
+                        * 64 * 96)
+    assert split("alex", a, b, "cpu", "auto", reps=1)[OURS]["pairs"] == 2
 
 
 def test_bench_dirs_case_errors_name_the_form():

@@ -37,6 +37,7 @@ import torch
 
 import lpips_fast
 
+from ..cli_args import _auto_or_positive
 from .common import environment, environment_line
 
 PROG = "lpips-fast bench dirs"
@@ -158,14 +159,18 @@ def read_values(path: Path) -> dict:
         return {row[0]: float(row[-1]) for row in list(csv.reader(f))[1:]}
 
 
-def split(net, a: Path, b: Path, device, batch_size: int, reps: int = 3) -> dict:
+def split(net, a: Path, b: Path, device, batch_size: int | str, reps: int = 3) -> dict:
     """Milliseconds of one pair's steps, in this process (medians of `reps`), for lpips-fast
-    dirs' steps and the official loop's (when installed)."""
-    from lpips_fast.folders import score_batch
-    from lpips_fast.io import pil_into, upright
+    dirs' steps (its forward on a batch of `batch_size` pairs, "auto" as dirs chooses it) and
+    the official loop's (when installed); "pairs": lpips-fast's batch."""
+    from lpips_fast.folders import auto_pairs, score_batch
+    from lpips_fast.io import image_size, pil_into, upright
     from PIL import Image
     device = torch.device(device)
-    names = sorted(os.listdir(a))[:batch_size]
+    names = sorted(os.listdir(a))
+    if batch_size == "auto":
+        batch_size = auto_pairs(net, image_size(a / names[0]), device.type)
+    names = names[:batch_size]
     n = len(names)
     paths = [p / name for name in names for p in (a, b)]
     model = lpips_fast.LPIPS(net=net, verbose=False).to(device)
@@ -200,7 +205,7 @@ def split(net, a: Path, b: Path, device, batch_size: int, reps: int = 3) -> dict
                 f.write(f"{names[k]},{0.123456789 + k:.8g}\n")
     steps = {"decode": decode, "convert": convert, "transfer": transfer, "forward": forward,
              "write": write}
-    out = {OURS: {k: _median_ms(f, reps) / n for k, f in steps.items()}}
+    out = {OURS: {"pairs": n, **{k: _median_ms(f, reps) / n for k, f in steps.items()}}}
     if installed("lpips"):
         out[OFFICIAL] = _official_split(net, model.state_dict(), imgs, n, reps)
     return out
@@ -272,14 +277,15 @@ def markdown(results, notes, env, args) -> str:
             diff = "—" if r["max_diff"] is None else f"{r['max_diff']:.1e}"
             lines.append(f"| {label} | {r['process']} | {r['median_s']:.2f} ({r['min_s']:.2f}-"
                          f"{r['max_s']:.2f}) | {r['pairs_per_s']:.1f} | {vs} | {diff} |")
-    lines += ["", "One pair's time in this process, ms per pair (forward: a batch of "
-              f"{args.batch_size} pairs for lpips-fast dirs, one pair per call for the loop):",
-              "", "| case | process | decode | convert | transfer | forward | write |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "One pair's time in this process, ms per pair (forward: lpips-fast dirs on a "
+              f"batch of `--batch-size {args.batch_size}` pairs, the loop one pair per call):",
+              "", "| case | process | pairs per forward | decode | convert | transfer | forward "
+              "| write |", "|---|---|---|---|---|---|---|---|"]
     for label, _, parts in results:
         for name, p in parts.items():
-            cells = [f"{p[k]:.2f}" if k in p else "—"
-                     for k in ("decode", "convert", "transfer", "forward", "write")]
+            cells = [str(p.get("pairs", 1))] + [
+                f"{p[k]:.2f}" if k in p else "—"
+                for k in ("decode", "convert", "transfer", "forward", "write")]
             lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
@@ -347,8 +353,9 @@ def parse_args(argv):
                    metavar='NAME="OPTIONS"',
                    help="also time lpips-fast dirs with these options, e.g. "
                         'w0="--workers 0" (repeatable)')
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="the forward's batch in the in-process split (dirs' default 32)")
+    p.add_argument("--batch-size", type=_auto_or_positive, default="auto",
+                   help="the forward's batch in the in-process split (default auto, as "
+                        "dirs' default: lpips_fast.folders.auto_pairs)")
     p.add_argument("--seed", type=int, default=0, help="the rounds' order")
     p.add_argument("--work", type=Path, help="folder for the images and CSVs (default: a "
                                               "temporary one, removed)")
