@@ -28,7 +28,6 @@ from lpips_fast.devices import resolve_device
 from lpips_fast.distributed import ShardError, launched
 from lpips_fast.errors import NotJoined, Quiet, UsageError
 from lpips_fast.examples import distortions, reference_image
-from lpips_fast.folders import AUTO_PAIRS
 from lpips_fast.cli_args import NETS, build_bench_all_parser, build_parser
 from lpips_fast.heatmap import map_format, save_image, save_map
 from lpips_fast.io import load_pair, resize, to_tensor
@@ -164,8 +163,9 @@ def cmd_pair(args) -> int:
 
 def _settings(args):
     # video --tlp: a batch also runs the frame before it
-    # --batch-size auto counts as its largest batch (the image sizes are not known yet)
-    pairs = AUTO_PAIRS if args.batch_size == "auto" else args.batch_size
+    # --batch-size auto: its smallest batch, one pair (it takes no more pairs than the budget
+    # holds, once the image sizes are known: folders.auto_pairs)
+    pairs = 1 if args.batch_size == "auto" else args.batch_size
     _check_budget(args, 2 * (pairs + bool(getattr(args, "tlp", False))))
     _check_model_path(args)
     return jobs.Settings(

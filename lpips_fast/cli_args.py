@@ -180,7 +180,8 @@ def build_parser(commands: dict, description: str) -> argparse.ArgumentParser:
             g.add_argument("--batch-size", type=_auto_or_positive, default="auto", metavar="N",
                            help="pairs per forward pass (default auto: 32, fewer where the "
                                 "backbone's largest activation would pass 1 GiB on a CPU, "
-                                "8 GiB on a GPU: e.g. vgg 512x384 on a CPU 3)")
+                                "8 GiB on a GPU or the --memory-budget: e.g. vgg 512x384 on "
+                                "a CPU 3)")
         else:
             g.add_argument("--batch-size", type=_positive, default=32, metavar="N",
                            help="pairs per forward pass (default 32)")

@@ -155,24 +155,29 @@ AUTO_PAIRS = 32
 BATCH_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}  # other devices: the CPU's
 
 
-def auto_pairs(net: str, size: tuple[int, int], device_type: str = "cpu") -> int:
-    """Pairs per batch of `size` (h, w) images under --batch-size auto (see AUTO_PAIRS)."""
+def auto_pairs(net: str, size: tuple[int, int], device_type: str = "cpu",
+               memory_budget: int | None = None) -> int:
+    """Pairs per batch of `size` (h, w) images under --batch-size auto (see AUTO_PAIRS),
+    within `memory_budget` bytes too when one is given (the model tiles a pair that alone
+    does not fit)."""
     pair_bytes = 1.5 * bytes_per_pixel(net, 4, 2) * size[0] * size[1]
     budget = BATCH_BYTES.get(device_type, BATCH_BYTES["cpu"])
+    if memory_budget is not None:
+        budget = min(budget, memory_budget)
     return max(1, min(AUTO_PAIRS, int(budget // pair_bytes)))
 
 
 def plan_pairs(pairs: list[Pair], net: str, batch_size: int | str = 32,
                resize_policy: str = "none", names: Callable[[Path], str] = str,
-               device_type: str = "cpu"):
+               device_type: str = "cpu", memory_budget: int | None = None):
     """The scoring order of `pairs`, from the image headers alone.
 
     Returns (failed Results, ordered list of (pair, scoring size), batches): pairs that cannot be
     scored (a missing, unreadable or too small file, a size mismatch) come back as Results with
     an error; the rest are grouped by scoring size (groups in order of first appearance, each in
     the given order) and cut into batches of at most `batch_size` indices into `ordered` ("auto":
-    auto_pairs(net, size, device_type) for each size), never across groups. Deterministic: a
-    given input always gives the same order, also when resumed.
+    auto_pairs(net, size, device_type, memory_budget) for each size), never across groups.
+    Deterministic: a given input always gives the same order, also when resumed.
     """
     sizes = scan_sizes([p for pair in pairs for p in (pair.path0, pair.path1)])
     groups: dict[tuple[int, int], list[Pair]] = {}
@@ -196,7 +201,8 @@ def plan_pairs(pairs: list[Pair], net: str, batch_size: int | str = 32,
     ordered = [(pair, size) for size, ps in groups.items() for pair in ps]
     batches, start = [], 0
     for size, ps in groups.items():
-        n = auto_pairs(net, size, device_type) if batch_size == "auto" else batch_size
+        n = (auto_pairs(net, size, device_type, memory_budget) if batch_size == "auto"
+             else batch_size)
         for k in range(0, len(ps), n):
             batches.append(list(range(start + k, start + min(k + n, len(ps)))))
         start += len(ps)

@@ -248,6 +248,13 @@ def test_auto_pairs_keep_a_batch_within_the_device_budget(net, device_type):
     assert folders.auto_pairs(net, (20000, 30000), device_type) == 1
 
 
+def test_auto_pairs_stay_within_a_memory_budget():
+    pair = 1.5 * bytes_per_pixel("vgg", 4, 2) * 384 * 512
+    assert folders.auto_pairs("vgg", (384, 512), "cuda", int(2.5 * pair)) == 2
+    assert folders.auto_pairs("vgg", (384, 512), "cuda", int(0.5 * pair)) == 1  # then tiled
+    assert folders.auto_pairs("vgg", (384, 512), "cpu", 1 << 40) == 3  # the device's is smaller
+
+
 def test_auto_pairs_where_measured():
     # alex 512x384 keeps 32 pairs (16 MiB a pair); vgg's 288 MiB a pair gives 3 on a CPU
     assert folders.auto_pairs("alex", (384, 512), "cpu") == 32
@@ -293,3 +300,16 @@ def test_cli_dirs_batch_size_defaults_to_auto(tmp_path, monkeypatch):
         assert ran.returncode == 2 and "--batch-size" in ran.stderr
     ran = cli("allpairs", d0, "--batch-size", "auto")  # auto is dirs' only
     assert ran.returncode == 2 and "--batch-size" in ran.stderr
+
+
+def test_cli_dirs_auto_batch_fits_the_memory_budget(tmp_path):
+    # alex: 64 MiB holds one pair's activations (about 16 MiB for any tile), not the 32 pairs a
+    # fixed batch is checked for (128-256 MiB): auto is checked for its smallest batch
+    d0, d1 = make_dirs(tmp_path, n=2)
+    out = tmp_path / "o.csv"
+    ran = cli("dirs", d0, d1, "-o", out, "-q", "--device", "cpu", "--memory-budget", "64MiB")
+    assert ran.returncode == 0, ran.stderr
+    assert len(read_csv(out)) == 1 + 2
+    ran = cli("dirs", d0, d1, "-q", "--device", "cpu", "--memory-budget", "64MiB",
+              "--batch-size", "32")
+    assert ran.returncode == 2 and "too small for net 'alex' with 64 images" in ran.stderr

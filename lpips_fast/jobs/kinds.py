@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import parse_bytes
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..batches import BatchLoader, choose
@@ -100,7 +101,8 @@ class DirsJob:
     def plan(self, listing, done, s):
         bad, ordered, batches = plan_pairs(listing.state, s.net, s.batch_size, s.resize,
                                            _relative_namer(self.dir0, self.dir1),
-                                           resolve_device(s.device).type)
+                                           resolve_device(s.device).type,
+                                           parse_bytes(s.memory_budget, "--memory-budget"))
         failures = [(r.pair.key, r.error) for r in bad if r.pair.key not in done]
         chunks = [c for c, b in enumerate(batches)
                   if any(ordered[i][0].key not in done for i in b)]
